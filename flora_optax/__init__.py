@@ -22,6 +22,7 @@ from flora_optax.inspect import (
     state_bytes,
 )
 from flora_optax.momentum import FloraMomentumState, flora_momentum
+from flora_optax.sharding import state_shardings
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,5 @@ __all__ = [
     "memory_report",
     "projections",
     "state_bytes",
+    "state_shardings",
 ]

@@ -182,17 +182,21 @@ def _resolve_tree_option(option, tree, name, is_leaf=None):
   """Broadcasts a per-leaf option (None, a value, a prefix tree or a callable) to `tree`."""
   if callable(option) and not isinstance(option, MatrixAxes):
     option = option(tree)
-  leaves_with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
-  if option is None or is_leaf is not None and is_leaf(option):
-    return [option] * len(leaves_with_path)
+  # None entries mean "the default for this leaf (or subtree)".
+  leaf_like = lambda x: x is None or (is_leaf is not None and is_leaf(x))  # noqa: E731
+  num_leaves = jax.tree.structure(tree).num_leaves
+  if leaf_like(option):
+    return [option] * num_leaves
   try:
     broadcast = jax.tree.map(
-        lambda opt, sub: jax.tree.map(lambda _: opt, sub), option, tree, is_leaf=is_leaf)
+        lambda opt, sub: jax.tree.map(lambda _: opt, sub), option, tree, is_leaf=leaf_like)
   except (ValueError, TypeError) as e:
     raise ValueError(
         f"{name} must be a pytree prefix of the parameters (or a callable returning one); "
         f"it does not match: {e}") from e
-  return jax.tree.leaves(broadcast, is_leaf=lambda x: x is None or (is_leaf and is_leaf(x)))
+  values = jax.tree.leaves(broadcast, is_leaf=leaf_like)
+  assert len(values) == num_leaves
+  return values
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flora_optax._compression import check_decay
 from flora_optax.accumulation import flora_accumulate
 from flora_optax.momentum import flora_momentum
 
@@ -37,7 +38,7 @@ def flora_adafactor(
     axes: Any = None,
     side: str = "smaller",
     projection: str = "gaussian",
-    transfer: str = "unbiased",
+    transfer: str = "least_squares",
     emit: str = "compressed",
     dtype: Any = "float32",
     precision: Any = None,
@@ -111,6 +112,7 @@ def flora_adafactor(
                      precision=precision, prng_impl=prng_impl)
   flora_mu = None
   if momentum is not None:
+    check_decay(momentum, "momentum")
     flora_mu = flora_momentum(rank, momentum, kappa, seed, transfer=transfer, emit=emit,
                               **compression)
 

@@ -41,7 +41,7 @@ def flora_momentum(
     axes: Any = None,
     side: str = "smaller",
     projection: str = "gaussian",
-    transfer: str = "unbiased",
+    transfer: str = "least_squares",
     emit: str = "compressed",
     dtype: Any = "float32",
     precision: Any = None,
@@ -57,12 +57,19 @@ def flora_momentum(
   .. math::  M \leftarrow \beta M + (1-\beta)\, G A^\top, \qquad
              \text{emit } M A \quad (\text{so } E[MA] = \text{the EMA}).
 
-  Every ``kappa`` steps ``A`` is resampled and the momentum is carried over
-  (``transfer="unbiased"``: up with the old projection, down with the new, ``M ← M A_old
-  A_newᵀ``; ``transfer="least_squares"``: the least-squares fit of ``M A_old`` in the new
-  subspace, which does not inflate the state). Resampling is what lets the sum of updates
-  leave a single rank-``r`` subspace; between resamples every update lies in one (as with a
-  LoRA adapter), so ``kappa`` should be small enough that a run sees many resamples.
+  Every ``kappa`` steps ``A`` is resampled and the momentum is carried over to the new
+  subspace. ``transfer="least_squares"`` (default) stores the least-squares fit of the old
+  decompressed momentum ``M A_old`` in the new subspace, ``M ← M A_old A_newᵀ (A_new
+  A_newᵀ)⁻¹``: a projection, so the state never grows. ``transfer="unbiased"`` is the paper's
+  up-with-the-old, down-with-the-new ``M ← M A_old A_newᵀ``: unbiased, but each transfer
+  multiplies the state by ≈ ``sqrt(d/rank)`` of pure noise, which diverges unless
+  ``decay**kappa * sqrt(d/rank) < 1`` (measured: rank 16 of 64, ``kappa=1`` diverged to NaN,
+  where least squares trained best of all; see ``docs/benchmarks.md``). Both are computed
+  through ``rank × rank`` matrices, never a full-size one.
+
+  Resampling is what lets the sum of updates leave a single rank-``r`` subspace; between
+  resamples every update lies in one (as with a LoRA adapter), so ``kappa`` should be small
+  enough that a run sees many resamples: the paper's 1000 suits long runs only.
 
   Leaves that are not compressed (vectors, scalars, masked-out leaves, leaves whose
   compressed buffer would not be smaller) keep a plain EMA with exactly ``optax.ema``'s
@@ -71,8 +78,6 @@ def flora_momentum(
   .. warning::
     Decompression inflates: ``‖M A‖ ≈ sqrt(d/rank)·‖EMA‖``. Put a normalising step after it
     (``optax.clip_by_block_rms``, as :func:`flora_adafactor` does) or lower the learning rate.
-    With ``transfer="unbiased"`` the noise compounds at each resample; it stays bounded only
-    while ``decay**kappa * sqrt(d/rank) < 1``.
 
   Non-finite updates propagate into the state exactly as with ``optax.ema``: a NaN in one
   entry of ``G`` spreads to its whole row (or column) of ``M``. Wrap the chain in
@@ -105,7 +110,7 @@ def flora_momentum(
       noise), ``"larger"``, ``"rows"`` or ``"cols"``.
     projection: ``"gaussian"`` (the paper's), ``"orthogonal"`` (Haar, lower noise, one QR per
       leaf and step) or ``"rademacher"``.
-    transfer: ``"unbiased"`` or ``"least_squares"``, see above.
+    transfer: ``"least_squares"`` (default) or ``"unbiased"``, see above.
     emit: ``"compressed"`` emits ``up(M_t)`` (Algorithm 2); ``"exact_gradient"`` emits
       ``β·up(M_{t-1}) + (1-β)·G_t``: the current update exact, only the history compressed.
     dtype: dtype of all momentum buffers (default float32: a bf16 EMA stalls short of its

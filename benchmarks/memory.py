@@ -1,0 +1,222 @@
+"""Exact optimizer-state bytes of Flora, naive Adafactor momentum/accumulation and GaLore.
+
+Nothing is allocated: parameter trees are ``jax.ShapeDtypeStruct``s and every state is sized
+with ``flora_optax.state_bytes(jax.eval_shape(tx.init, params))``.
+
+    python benchmarks/memory.py            # GPT-2 small/medium/XL and the demo model
+    python benchmarks/memory.py --quick    # GPT-2 small and the demo model only
+
+Writes ``benchmarks/results/memory/`` (``memory-quick/`` with --quick): memory.json, memory.md,
+memory.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import _common  # noqa: F401  (puts examples/ on sys.path)
+import jax
+import jax.numpy as jnp
+import matplotlib
+import optax
+
+import flora_optax
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import shakespeare_lm  # noqa: E402
+
+ACCUMULATE_EVERY = 16
+LEARNING_RATE = 1e-2  # irrelevant to memory; every optimizer needs one
+
+# (layers, width) of the GPT-2 family; vocabulary 50257 and context 1024 throughout.
+GPT2_SIZES = {"gpt2-small": (12, 768), "gpt2-medium": (24, 1024), "gpt2-xl": (48, 1600)}
+GPT2_VOCAB, GPT2_CONTEXT = 50257, 1024
+
+
+def gpt2_shapes(num_layers: int, width: int, dtype=jnp.float32) -> dict[str, Any]:
+  """GPT-2's parameter tree (Hugging Face layout, tied output layer) as shapes only."""
+  def leaf(*shape):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+  def block():
+    return {
+        "ln_1": {"scale": leaf(width), "bias": leaf(width)},
+        "attn": {"c_attn": {"kernel": leaf(width, 3 * width), "bias": leaf(3 * width)},
+                 "c_proj": {"kernel": leaf(width, width), "bias": leaf(width)}},
+        "ln_2": {"scale": leaf(width), "bias": leaf(width)},
+        "mlp": {"c_fc": {"kernel": leaf(width, 4 * width), "bias": leaf(4 * width)},
+                "c_proj": {"kernel": leaf(4 * width, width), "bias": leaf(width)}},
+    }
+
+  return {
+      "wte": leaf(GPT2_VOCAB, width),
+      "wpe": leaf(GPT2_CONTEXT, width),
+      "blocks": [block() for _ in range(num_layers)],
+      "ln_f": {"scale": leaf(width), "bias": leaf(width)},
+  }
+
+
+def is_token_embedding(path) -> bool:
+  name = jax.tree_util.keystr(tuple(path))
+  return "wte" in name or "embedding" in name
+
+
+def flora_mask_without_embedding(params):
+  """Flora mask: the token embedding stays uncompressed, the default rule decides the rest."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: False if is_token_embedding(path) else None, params)
+
+
+def galore_dims_without_embedding(params):
+  """GaLore dimension numbers: project every 2-D leaf except the token embedding."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: optax.contrib.GaLoreDimensionNumbers()
+      if p.ndim == 2 and not is_token_embedding(path) else None, params)
+
+
+def optimizers(rank: int, compress_embedding: bool,
+               factor: dict) -> dict[str, optax.GradientTransformation]:
+  """The rank-dependent optimizers, with the token embedding compressed or not."""
+  flora_mask = None if compress_embedding else flora_mask_without_embedding
+  galore_dims = None if compress_embedding else galore_dims_without_embedding
+  return {
+      "flora momentum": flora_optax.flora_adafactor(
+          LEARNING_RATE, rank, momentum=0.9, mask=flora_mask, **factor),
+      "flora accumulation": flora_optax.flora_accumulate(
+          optax.adafactor(LEARNING_RATE, **factor), ACCUMULATE_EVERY, rank, mask=flora_mask),
+      "galore (adam)": optax.contrib.galore(
+          LEARNING_RATE, rank=rank, weight_dimension_numbers=galore_dims),
+  }
+
+
+BASELINES = {
+    "adafactor (no momentum)": lambda factor: optax.adafactor(LEARNING_RATE, **factor),
+    "naive momentum": lambda factor: optax.adafactor(LEARNING_RATE, momentum=0.9, **factor),
+    "naive accumulation": lambda factor: optax.MultiSteps(
+        optax.adafactor(LEARNING_RATE, **factor), ACCUMULATE_EVERY),
+}
+
+
+def state_size(tx: optax.GradientTransformation, params: Any) -> int:
+  return flora_optax.state_bytes(jax.eval_shape(tx.init, params))
+
+
+def measure_model(name: str, params: Any, ranks: list[int],
+                  factor: dict) -> list[dict[str, Any]]:
+  """One row per (optimizer, rank, embedding compressed?) with exact state bytes.
+
+  ``factor`` holds Adafactor's ``min_dim_size_to_factor`` where the model needs its own.
+  """
+  param_bytes = flora_optax.state_bytes(params)
+  baseline_bytes = {label: state_size(make(factor), params)
+                    for label, make in BASELINES.items()}
+  naive_momentum = baseline_bytes["naive momentum"]
+  no_momentum = baseline_bytes["adafactor (no momentum)"]
+
+  def row(optimizer, rank, compress_embedding, state):
+    return {
+        "model": name, "optimizer": optimizer, "rank": rank,
+        "embedding_compressed": compress_embedding, "param_bytes": param_bytes,
+        "state_bytes": state, "state_over_params": state / param_bytes,
+        "state_over_naive_momentum": state / naive_momentum,
+        # The extra buffer on top of plain Adafactor (the momentum or the accumulator).
+        "extra_over_params": (state - no_momentum) / param_bytes,
+    }
+
+  rows = [row(label, None, None, state) for label, state in baseline_bytes.items()]
+  for rank in ranks:
+    for compress_embedding in (True, False):
+      for label, tx in optimizers(rank, compress_embedding, factor).items():
+        rows.append(row(label, rank, compress_embedding, state_size(tx, params)))
+  return rows
+
+
+def models(quick: bool) -> dict[str, tuple[Any, list[int], dict]]:
+  """Parameter trees, the ranks to try on each (the demo model is 64 wide: d/8..d/2) and
+  Adafactor's factoring threshold (the demo's own, see shakespeare_lm.MIN_DIM_TO_FACTOR)."""
+  config = shakespeare_lm.Config()
+  _, _, vocab_size = shakespeare_lm.load_shakespeare()
+  chosen = {"gpt2-small": GPT2_SIZES["gpt2-small"]} if quick else GPT2_SIZES
+  trees = {name: (gpt2_shapes(*size), [16, 64, 256], {}) for name, size in chosen.items()}
+  d = config.d_model
+  trees["shakespeare demo"] = (shakespeare_lm.param_shapes(config, vocab_size),
+                               [d // 8, d // 4, d // 2],
+                               {"min_dim_size_to_factor": shakespeare_lm.MIN_DIM_TO_FACTOR})
+  return trees
+
+
+def fmt_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024:
+      return f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n:.2f} TiB"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+  header = ["model", "optimizer", "rank", "embedding", "state", "state / params",
+            "state / naive momentum", "extra buffer / params"]
+  table = []
+  for r in rows:
+    embedding = "-" if r["embedding_compressed"] is None else (
+        "compressed" if r["embedding_compressed"] else "full")
+    table.append([r["model"], r["optimizer"], r["rank"] or "-", embedding,
+                  fmt_bytes(r["state_bytes"]), f"{r['state_over_params']:.3f}",
+                  f"{r['state_over_naive_momentum']:.3f}", f"{r['extra_over_params']:.3f}"])
+  return _common.markdown_table(header, table)
+
+
+def plot(rows: list[dict[str, Any]], path) -> None:
+  names = list(dict.fromkeys(r["model"] for r in rows))
+  fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+  for ax, name in zip(axes[0], names):
+    model_rows = [r for r in rows if r["model"] == name]
+    for r in model_rows:
+      if r["rank"] is None:
+        ax.axhline(r["state_over_params"], ls=":", color="gray")
+        ax.annotate(r["optimizer"], (0.02, r["state_over_params"]),
+                    xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
+    for label, marker in (("flora momentum", "o"), ("flora accumulation", "s"),
+                          ("galore (adam)", "^")):
+      for compressed, style in ((True, "-"), (False, "--")):
+        points = [(r["rank"], r["state_over_params"]) for r in model_rows
+                  if r["optimizer"] == label and r["embedding_compressed"] == compressed]
+        ranks, ratios = zip(*points)
+        ax.plot(ranks, ratios, style, marker=marker, label=f"{label}, emb. "
+                f"{'compressed' if compressed else 'full'}")
+    ax.set_xscale("log", base=2)
+    ax.set_title(name)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("optimizer state / params (fp32)")
+  axes[0][0].legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="GPT-2 small and the demo only")
+  args = parser.parse_args()
+  start = time.perf_counter()
+  out = _common.results_dir("memory", args.quick)
+  rows = []
+  for name, (params, ranks, factor) in models(args.quick).items():
+    rows.extend(measure_model(name, params, ranks, factor))
+  info = _common.machine_info()
+  command = _common.command_line()
+  _common.write_json(out / "memory.json", {"command": command, "machine": info, "rows": rows})
+  table = markdown(rows)
+  (out / "memory.md").write_text(
+      f"Command: `{command}`\n\nMachine: {_common.machine_line(info)}\n\n{table}\n")
+  plot(rows, out / "memory.png")
+  print(table)
+  print(f"\nwrote {out} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,57 @@
+"""Shared fixtures: a mixed parameter tree and its NumPy views."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flora_optax
+from tests import reference
+
+
+# A tree with every kind of leaf: wide and tall matrices, a vector, a scanned stack viewed as a
+# batch of matrices, and a conv kernel viewed with the default (all-but-last axes are rows).
+SHAPES = {
+    "wide": (24, 40),
+    "tall": (48, 16),
+    "bias": (16,),
+    "stack": (3, 12, 20),
+    "conv": (3, 3, 4, 10),
+}
+AXES = {
+    "wide": None,
+    "tall": None,
+    "bias": None,
+    "stack": flora_optax.MatrixAxes(rows=1, cols=2, batch=0),
+    "conv": None,
+}
+VIEWS = {
+    "wide": reference.View((24, 40)),
+    "tall": reference.View((48, 16)),
+    "stack": reference.View((3, 12, 20), batch=(0,), rows=(1,), cols=(2,)),
+    "conv": reference.View((3, 3, 4, 10), rows=(0, 1, 2), cols=(3,)),
+}
+RANK = 4
+
+
+def side_of(view, side):
+  if side in ("rows", "cols"):
+    return side
+  smaller = "rows" if view.n < view.m else "cols"
+  if side == "smaller":
+    return smaller
+  return "cols" if smaller == "rows" else "rows"
+
+
+def random_tree(rng, shapes=SHAPES, dtype=np.float32, scale=1.0):
+  return {k: jnp.asarray(scale * rng.standard_normal(s), dtype) for k, s in shapes.items()}
+
+
+@pytest.fixture
+def rng(request):
+  # A fresh, reproducible stream per test.
+  return np.random.default_rng(abs(hash(request.node.nodeid)) % 2**32)
+
+
+@pytest.fixture
+def params():
+  return {k: jnp.zeros(s, jnp.float32) for k, s in SHAPES.items()}
