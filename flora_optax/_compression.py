@@ -284,11 +284,39 @@ class Compressor:
     key = jax.random.key(int(seed), impl=self.prng_impl)
     return jax.random.key_data(jax.random.fold_in(key, self.domain))
 
+  def _leaf_key(self, key_data, index, cycle):
+    key = jax.random.wrap_key_data(key_data, impl=self.prng_impl)
+    return jax.random.fold_in(jax.random.fold_in(key, index), cycle)
+
   def projection_matrix(self, key_data, plan: LeafPlan, cycle) -> jax.Array:
     """The projection ``A`` (shape ``(*batch, rank, d)``) of one leaf for one cycle."""
-    key = jax.random.wrap_key_data(key_data, impl=self.prng_impl)
-    key = jax.random.fold_in(jax.random.fold_in(key, plan.index), cycle)
-    return make_projection(key, plan.projection_shape, self.projection, self.dtype)
+    return make_projection(self._leaf_key(key_data, plan.index, cycle), plan.projection_shape,
+                           self.projection, self.dtype)
+
+  def projection_matrices(self, key_data, plans: list[LeafPlan], cycle) -> list:
+    """`projection_matrix` for every compressed leaf (None for the others).
+
+    Leaves whose projections have the same shape are drawn together under one ``vmap`` (one
+    random-number kernel, and one batched QR for ``orthogonal``, per shape instead of per
+    leaf). Threefry is elementwise, so each matrix is bit-for-bit the one
+    `projection_matrix` draws alone; a test checks it.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for position, plan in enumerate(plans):
+      if plan.compressed:
+        groups.setdefault(plan.projection_shape, []).append(position)
+    out = [None] * len(plans)
+    for shape, positions in groups.items():
+      if len(positions) == 1:
+        out[positions[0]] = self.projection_matrix(key_data, plans[positions[0]], cycle)
+        continue
+      indices = jnp.asarray([plans[i].index for i in positions], jnp.uint32)
+      draw = lambda index, shape=shape: make_projection(  # noqa: E731
+          self._leaf_key(key_data, index, cycle), shape, self.projection, self.dtype)
+      stacked = jax.vmap(draw)(indices)
+      for j, position in enumerate(positions):
+        out[position] = stacked[j]
+    return out
 
   # ---------------------------------------------------------------- down / up
 

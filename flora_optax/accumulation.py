@@ -155,9 +155,7 @@ def flora_accumulate(
           f"and shape {should_skip.shape}")
 
     def accumulate(updates, state, params):
-      projections = [
-          compressor.projection_matrix(state.key_data, p, state.gradient_step)
-          if p.compressed else None for p in plans]
+      projections = compressor.projection_matrices(state.key_data, plans, state.gradient_step)
       n_acc = state.mini_step
       new_acc = []
       for plan, g, acc, a in zip(plans, jax.tree.leaves(updates),
@@ -253,8 +251,7 @@ def compressed_mean(
   key_data = compressor.base_key_data(seed)
 
   def projections(plans):
-    return [compressor.projection_matrix(key_data, p, cycle) if p.compressed else None
-            for p in plans]
+    return compressor.projection_matrices(key_data, plans, cycle)
 
   def init(value_struct):
     plans = compressor.plan(value_struct)

@@ -61,8 +61,7 @@ def projections(
                                prng_impl=prng_impl)
   key_data = compressor.base_key_data(seed)
   plans = compressor.plan(params)
-  mats = [compressor.projection_matrix(key_data, p, cycle) if p.compressed else None
-          for p in plans]
+  mats = compressor.projection_matrices(key_data, plans, cycle)
   return jax.tree.unflatten(jax.tree.structure(params), mats)
 
 

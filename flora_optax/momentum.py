@@ -159,8 +159,7 @@ def flora_momentum(
       cycle = jnp.zeros([], jnp.int32)
     else:
       cycle = state.count // kappa
-    projections = [compressor.projection_matrix(state.key_data, p, cycle) if p.compressed
-                   else None for p in plans]
+    projections = compressor.projection_matrices(state.key_data, plans, cycle)
 
     if kappa is not None and any(p.compressed for p in plans):
       resample = jnp.logical_and(state.count > 0, state.count % kappa == 0)
@@ -198,14 +197,9 @@ def flora_momentum(
 
 def _transfer_all(compressor, plans, mus, new_projections, key_data, old_cycle, transfer):
   """Moves every compressed buffer from the old cycle's subspace to the new one's."""
-  out = []
-  for plan, mu, a_new in zip(plans, mus, new_projections):
-    if not plan.compressed:
-      out.append(mu)
-      continue
-    a_old = compressor.projection_matrix(key_data, plan, old_cycle)
-    out.append(transfer_buffer(compressor, plan, mu, a_old, a_new, transfer))
-  return out
+  old_projections = compressor.projection_matrices(key_data, plans, old_cycle)
+  return [transfer_buffer(compressor, plan, mu, a_old, a_new, transfer) if plan.compressed
+          else mu for plan, mu, a_old, a_new in zip(plans, mus, old_projections, new_projections)]
 
 
 def transfer_buffer(compressor, plan, mu, a_old, a_new, transfer="unbiased"):

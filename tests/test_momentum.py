@@ -81,19 +81,24 @@ def test_uncompressed_leaves_match_optax_ema(params, rng):
     np.testing.assert_allclose(ours_state.compressed_mu[k], theirs_state.ema[k], rtol=1e-6)
 
 
-def test_transfer_is_up_old_then_down_new(params, rng):
-  """At a resample with a zero gradient, the new state is decay·(M A_old) A_newᵀ exactly."""
+@pytest.mark.parametrize("transfer", ["unbiased", "least_squares"])
+def test_transfer_is_up_old_then_down_new(transfer, params, rng):
+  """At a resample with a zero gradient the new state is decay·transfer(M), where transfer is
+  (M A_old) A_newᵀ (unbiased) or the least-squares fit of M A_old in the new subspace."""
   kappa, decay = 4, 0.5
   grads = [random_tree(rng) for _ in range(kappa)] + [jax.tree.map(jnp.zeros_like, params)]
-  tx = flora_optax.flora_momentum(RANK, decay, kappa, axes=AXES)
+  tx = flora_optax.flora_momentum(RANK, decay, kappa, axes=AXES, transfer=transfer)
   _, before = _run(tx, grads[:kappa], params)
   _, after = _run(tx, grads, params)
   proj = _projector(params, "smaller", "gaussian")
   for name, view in VIEWS.items():
     side = side_of(view, "smaller")
     m_before = np.asarray(before.compressed_mu[name], np.float64)
-    expected = decay * reference.down(reference.up(m_before, proj(0)[name], side),
-                                      proj(1)[name], side)
+    old = reference.up(m_before, proj(0)[name], side)
+    if transfer == "unbiased":
+      expected = decay * reference.down(old, proj(1)[name], side)
+    else:
+      expected = decay * reference.least_squares_fit(old, proj(1)[name], side)
     np.testing.assert_allclose(after.compressed_mu[name], expected, rtol=1e-4,
                                atol=1e-5 * np.abs(expected).max())
 
