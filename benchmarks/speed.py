@@ -11,7 +11,7 @@ and ratios are taken between medians of the same run.
 Accumulating optimizers are timed per optimizer update, i.e. per 16 micro-steps (15 that only
 accumulate, one that also runs Adafactor).
 
-    python benchmarks/speed.py            # demo model and a mid-size (d 256, 4 layers) model
+    python benchmarks/speed.py            # demo model and a mid-size (d 256, 4 layers, 3.2 M params) model
     python benchmarks/speed.py --quick    # demo model, four optimizers, 5 rounds
 
 Writes ``benchmarks/results/speed/`` (``speed-quick/`` with --quick): speed.json, speed.md,
@@ -188,7 +188,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true",
                       help="demo model, four optimizers, 5 rounds")
-  parser.add_argument("--rounds", type=int, default=30)
+  parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--warmup", type=int, default=3)
   args = parser.parse_args()
   start = time.perf_counter()
@@ -198,7 +198,7 @@ def main() -> None:
   models = [Model("demo (d 64, 2 layers)", lm.Config())]
   if not args.quick:
     models.append(Model("mid (d 256, 4 layers)",
-                        lm.Config(d_model=256, num_layers=4, num_heads=8, context=128)))
+                        lm.Config(d_model=256, num_layers=4, num_heads=8)))
   measured = [measure_model(m, vocab_size, train_ids, warmup, rounds, args.quick) for m in models]
 
   out = _common.results_dir("speed", args.quick)

@@ -38,7 +38,7 @@ def flora_adafactor(
     axes: Any = None,
     side: str = "smaller",
     projection: str = "gaussian",
-    transfer: str = "least_squares",
+    transfer: str = "auto",
     emit: str = "compressed",
     dtype: Any = "float32",
     precision: Any = None,
@@ -88,9 +88,14 @@ def flora_adafactor(
     momentum: EMA decay; ``None`` for no momentum (then this is ``optax.adafactor``).
     kappa, seed: see :func:`flora_momentum`.
     min_dim_size_to_factor: as in ``optax.adafactor`` (``None`` means its default, 128).
-    decay_rate, decay_offset, multiply_by_parameter_scale,
-      clipping_threshold, weight_decay_rate, weight_decay_mask, eps, factored: as in
-      ``optax.adafactor``.
+    decay_rate: as in ``optax.adafactor``.
+    decay_offset: as in ``optax.adafactor``.
+    multiply_by_parameter_scale: as in ``optax.adafactor``.
+    clipping_threshold: as in ``optax.adafactor``.
+    weight_decay_rate: as in ``optax.adafactor``.
+    weight_decay_mask: as in ``optax.adafactor``.
+    eps: as in ``optax.adafactor``.
+    factored: as in ``optax.adafactor``.
     momentum_position: ``"after_factored_rms"`` or ``"after_param_scale"``.
     accumulate_every: micro-steps per update (int or schedule), or ``None``.
     accumulate_rank: rank of the accumulation projections (default ``rank``).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -10,7 +11,12 @@ import optax
 
 from flora_optax import _compression as comp
 
-TRANSFERS = ("unbiased", "least_squares")
+TRANSFERS = ("auto", "unbiased", "least_squares")
+# transfer="auto" keeps the paper's unbiased transfer for a leaf only while its noise is damped
+# with margin: each transfer multiplies the carried state by ≈ sqrt(d/rank) and the decay
+# shrinks it by decay**kappa in between, so the noise stays bounded iff the product is < 1
+# (FLORA.md); at 1/2 its variance is amplified by at most 1/(1 - 1/4) = 4/3.
+AUTO_UNBIASED_BELOW = 0.5
 EMITS = ("compressed", "exact_gradient")
 
 
@@ -41,7 +47,7 @@ def flora_momentum(
     axes: Any = None,
     side: str = "smaller",
     projection: str = "gaussian",
-    transfer: str = "least_squares",
+    transfer: str = "auto",
     emit: str = "compressed",
     dtype: Any = "float32",
     precision: Any = None,
@@ -58,14 +64,21 @@ def flora_momentum(
              \text{emit } M A \quad (\text{so } E[MA] = \text{the EMA}).
 
   Every ``kappa`` steps ``A`` is resampled and the momentum is carried over to the new
-  subspace. ``transfer="least_squares"`` (default) stores the least-squares fit of the old
-  decompressed momentum ``M A_old`` in the new subspace, ``M ← M A_old A_newᵀ (A_new
-  A_newᵀ)⁻¹``: a projection, so the state never grows. ``transfer="unbiased"`` is the paper's
-  up-with-the-old, down-with-the-new ``M ← M A_old A_newᵀ``: unbiased, but each transfer
-  multiplies the state by ≈ ``sqrt(d/rank)`` of pure noise, which diverges unless
-  ``decay**kappa * sqrt(d/rank) < 1`` (measured: rank 16 of 64, ``kappa=1`` diverged to NaN,
-  where least squares trained best of all; see ``docs/benchmarks.md``). Both are computed
-  through ``rank × rank`` matrices, never a full-size one.
+  subspace, computed through ``rank × rank`` matrices (never a full-size one):
+
+  * ``transfer="unbiased"`` is the paper's up-with-the-old, down-with-the-new
+    ``M ← M A_old A_newᵀ``: unbiased, but each transfer multiplies the carried state by
+    ≈ ``sqrt(d/rank)`` of pure noise, which diverges unless ``decay**kappa * sqrt(d/rank) < 1``;
+  * ``transfer="least_squares"`` stores the least-squares fit of the old decompressed
+    momentum in the new subspace, ``M ← M A_old A_newᵀ (A_new A_newᵀ)⁻¹``: a projection, so
+    the state never grows, but it keeps only ≈ ``rank/d`` of the history;
+  * ``transfer="auto"`` (default) uses the unbiased transfer for a leaf where it is stable
+    with margin, ``decay**kappa * sqrt(d/rank) < 1/2``, and least squares elsewhere.
+
+  Measured (``notebooks/03_rank_and_kappa.ipynb``, ``docs/benchmarks.md``): at rank 4 and 16
+  of 128 with ``kappa=10`` the unbiased transfer diverged where least squares trained; at
+  rank 64 the unbiased one was better. With ``kappa`` in the hundreds the transferred
+  history has decayed to nothing and all three coincide.
 
   Resampling is what lets the sum of updates leave a single rank-``r`` subspace; between
   resamples every update lies in one (as with a LoRA adapter), so ``kappa`` should be small
@@ -110,7 +123,7 @@ def flora_momentum(
       noise), ``"larger"``, ``"rows"`` or ``"cols"``.
     projection: ``"gaussian"`` (the paper's), ``"orthogonal"`` (Haar, lower noise, one QR per
       leaf and step) or ``"rademacher"``.
-    transfer: ``"least_squares"`` (default) or ``"unbiased"``, see above.
+    transfer: ``"auto"`` (default), ``"unbiased"`` or ``"least_squares"``, see above.
     emit: ``"compressed"`` emits ``up(M_t)`` (Algorithm 2); ``"exact_gradient"`` emits
       ``β·up(M_{t-1}) + (1-β)·G_t``: the current update exact, only the history compressed.
     dtype: dtype of all momentum buffers (default float32: a bf16 EMA stalls short of its
@@ -166,7 +179,7 @@ def flora_momentum(
       mus = jax.lax.cond(
           resample,
           lambda ms: _transfer_all(compressor, plans, ms, projections, state.key_data,
-                                   cycle - 1, transfer),
+                                   cycle - 1, transfer, decay, kappa),
           lambda ms: list(ms),
           mus)
 
@@ -195,24 +208,46 @@ def flora_momentum(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _transfer_all(compressor, plans, mus, new_projections, key_data, old_cycle, transfer):
+def _transfer_all(compressor, plans, mus, new_projections, key_data, old_cycle, transfer,
+                  decay, kappa):
   """Moves every compressed buffer from the old cycle's subspace to the new one's."""
   old_projections = compressor.projection_matrices(key_data, plans, old_cycle)
-  return [transfer_buffer(compressor, plan, mu, a_old, a_new, transfer) if plan.compressed
-          else mu for plan, mu, a_old, a_new in zip(plans, mus, old_projections, new_projections)]
+  return [
+      transfer_buffer(compressor, plan, mu, a_old, a_new,
+                      resolve_transfer(transfer, decay, kappa, plan.dim, plan.rank))
+      if plan.compressed else mu
+      for plan, mu, a_old, a_new in zip(plans, mus, old_projections, new_projections)]
 
 
-def transfer_buffer(compressor, plan, mu, a_old, a_new, transfer="unbiased"):
+def resolve_transfer(transfer, decay, kappa, dim, rank):
+  """The transfer a leaf uses: ``transfer`` itself, or for ``"auto"`` the unbiased one where
+  ``decay**kappa * sqrt(dim/rank) < 1/2`` and least squares elsewhere. With a traced decay
+  the answer is a traced bool (True: unbiased)."""
+  if transfer != "auto":
+    return transfer
+  growth = math.sqrt(dim / rank)
+  value = comp.concrete_float(decay)
+  if value is not None:
+    return "unbiased" if value**kappa * growth < AUTO_UNBIASED_BELOW else "least_squares"
+  return jnp.asarray(decay, jnp.float32) ** kappa * growth < AUTO_UNBIASED_BELOW
+
+
+def transfer_buffer(compressor, plan, mu, a_old, a_new, transfer="least_squares"):
   """Carries a compressed buffer from projection `a_old` to `a_new` (both ``(*b, r, d)``).
 
   ``unbiased``: ``up(mu, a_old)`` compressed with ``a_new``. It is computed through the
   ``(r, r)`` matrix ``a_new a_oldᵀ`` and never forms the full-size matrix.
   ``least_squares``: the ``mu'`` minimising ``‖up(mu', a_new) − up(mu, a_old)‖``, i.e.
   ``(a_new a_newᵀ)⁻¹ a_new a_oldᵀ`` applied to ``mu``.
+  A traced bool selects between the two (True: unbiased), for ``"auto"`` under a traced decay.
   """
   hp = jax.lax.Precision.HIGHEST
   cross = jnp.einsum("...sd,...rd->...sr", a_new, a_old, precision=hp)  # a_new a_oldᵀ
-  if transfer == "least_squares":
+  if isinstance(transfer, str) and transfer == "unbiased":
+    change = cross
+  else:
     gram = jnp.einsum("...sd,...td->...st", a_new, a_new, precision=hp)
-    cross = jnp.linalg.solve(gram, cross)
-  return compressor.right_multiply(mu, cross, plan).astype(mu.dtype)
+    change = jnp.linalg.solve(gram, cross)
+    if not isinstance(transfer, str):
+      change = jnp.where(transfer, cross, change)
+  return compressor.right_multiply(mu, change, plan).astype(mu.dtype)

@@ -43,12 +43,21 @@ CASES = [
     dict(projection="gaussian", transfer="unbiased", emit="compressed", side=s, kappa=KAPPA)
     for s in ("larger", "rows", "cols")
 ] + [dict(projection="orthogonal", transfer="unbiased", emit="compressed", side="smaller",
-          kappa=None)]
+          kappa=None)] + [
+    # decay 0.65, kappa 3: decay**kappa * sqrt(d/4) is 0.67, 0.55 (least squares) for the
+    # wide and tall leaves and 0.48, 0.43 (unbiased) for the stack and conv leaves.
+    dict(projection="gaussian", transfer="auto", emit="compressed", side="smaller",
+         kappa=KAPPA, decay=0.65)]
+
+
+def _auto_choice(decay, kappa, view, side):
+  d = view.m if side == "cols" else view.n
+  return "unbiased" if decay**kappa * np.sqrt(d / RANK) < 0.5 else "least_squares"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_matches_float64_reference(case, params, rng):
-  decay = 0.8
+  decay = case.get("decay", 0.8)
   grads = [random_tree(rng) for _ in range(STEPS)]
   tx = flora_optax.flora_momentum(RANK, decay, case["kappa"], seed=3, axes=AXES,
                                   side=case["side"], projection=case["projection"],
@@ -57,9 +66,12 @@ def test_matches_float64_reference(case, params, rng):
   proj = _projector(params, case["side"], case["projection"], seed=3)
   for name, view in VIEWS.items():
     side = side_of(view, case["side"])
+    transfer = case["transfer"]
+    if transfer == "auto":
+      transfer = _auto_choice(decay, case["kappa"], view, side)
     ref_outs, ref_state = reference.momentum(
         [g[name] for g in grads], view, side, lambda c: proj(c)[name], decay, case["kappa"],
-        case["transfer"], case["emit"])
+        transfer, case["emit"])
     for t, (o, r) in enumerate(zip(outs, ref_outs)):
       np.testing.assert_allclose(o[name], r, rtol=1e-4, atol=1e-4 * np.abs(r).max(),
                                  err_msg=f"{name} step {t}")
@@ -253,6 +265,23 @@ def test_inject_hyperparams_on_flora_momentum(rng):
     np.testing.assert_allclose(o1["w"], o2["w"], rtol=1e-5, atol=1e-6)
   s1.hyperparams["decay"] = jnp.asarray(0.5)
   jax.jit(tx.update)(g, s1)  # a traced decay is accepted
+
+
+@pytest.mark.parametrize("decay", [0.3, 0.9])  # auto picks unbiased / least squares here
+def test_auto_transfer_is_the_same_with_a_traced_decay(decay, rng):
+  injected = optax.inject_hyperparams(flora_optax.flora_momentum,
+                                      static_args=("rank", "kappa", "seed"))(
+                                          rank=8, decay=decay, kappa=2)
+  plain = flora_optax.flora_momentum(8, decay, 2)
+  params = {"w": jnp.zeros((32, 48))}
+  s1, s2 = injected.init(params), plain.init(params)
+  for _ in range(5):
+    g = {"w": jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)}
+    o1, s1 = jax.jit(injected.update)(g, s1)
+    o2, s2 = jax.jit(plain.update)(g, s2)
+  np.testing.assert_allclose(o1["w"], o2["w"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(s1.inner_state.compressed_mu["w"], s2.compressed_mu["w"],
+                             rtol=1e-5, atol=1e-6)
 
 
 class TestBadInput:
