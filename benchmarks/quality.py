@@ -16,7 +16,7 @@ learning rate and number of updates), trained from scratch:
 Every run is stored as it finishes (``runs/<config>-seed<n>.json``) and skipped when found, so an
 interrupted sweep resumes where it stopped; the tables and plots are rebuilt from all stored runs.
 
-    python benchmarks/quality.py                 # 3 seeds x 20 configurations (~25 CPU-minutes)
+    python benchmarks/quality.py                 # 3 seeds x 20 configurations, 300 updates each
     python benchmarks/quality.py --quick         # 1 seed, 3 configurations, 30 steps (smoke test)
 
 Writes ``benchmarks/results/quality/`` (``quality-quick/`` with --quick): quality.json,

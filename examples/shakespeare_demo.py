@@ -11,7 +11,7 @@ Trains the same small Flax NNX transformer five times with Adafactor:
 and prints a table (optimizer-state bytes, ratio to naive momentum, median update time, final
 train and validation loss), Flora's memory report, a loss-curve PNG and a JSON of every number.
 
-    python examples/shakespeare_demo.py            # ~3 minutes on 2 CPU cores
+    python examples/shakespeare_demo.py            # ~70 s on 2 idle CPU cores (measured)
     python examples/shakespeare_demo.py --quick    # ~30 s smoke run
 
 Accumulation runs cut each batch of 16 sequences into 16 micro-batches of one sequence, so every

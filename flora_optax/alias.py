@@ -38,7 +38,7 @@ def flora_adafactor(
     axes: Any = None,
     side: str = "smaller",
     projection: str = "gaussian",
-    transfer: str = "auto",
+    transfer: str = "least_squares",
     emit: str = "compressed",
     dtype: Any = "float32",
     precision: Any = None,

@@ -55,3 +55,7 @@ def rng(request):
 @pytest.fixture
 def params():
   return {k: jnp.zeros(s, jnp.float32) for k, s in SHAPES.items()}
+
+# The scripts in multidevice/ are run as subprocesses; importing them (as --doctest-modules
+# would) sets XLA_FLAGS for 8 devices in this process and every subprocess it starts.
+collect_ignore_glob = ["multidevice/*"]

@@ -271,8 +271,8 @@ def test_inject_hyperparams_on_flora_momentum(rng):
 def test_auto_transfer_is_the_same_with_a_traced_decay(decay, rng):
   injected = optax.inject_hyperparams(flora_optax.flora_momentum,
                                       static_args=("rank", "kappa", "seed"))(
-                                          rank=8, decay=decay, kappa=2)
-  plain = flora_optax.flora_momentum(8, decay, 2)
+                                          rank=8, decay=decay, kappa=2, transfer="auto")
+  plain = flora_optax.flora_momentum(8, decay, 2, transfer="auto")
   params = {"w": jnp.zeros((32, 48))}
   s1, s2 = injected.init(params), plain.init(params)
   for _ in range(5):
