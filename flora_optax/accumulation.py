@@ -253,8 +253,12 @@ def compressed_mean(
   def projections(plans):
     return compressor.projection_matrices(key_data, plans, cycle)
 
+  # `finalize` sees only the compressed carry, not the leaves' own shapes: `init` records
+  # the plans (static shape information) for it.
+  recorded = {}
+
   def init(value_struct):
-    plans = compressor.plan(value_struct)
+    plans = recorded["plans"] = compressor.plan(value_struct)
     for p in plans:
       dt = jax.tree.leaves(value_struct)[p.index].dtype
       if not jnp.issubdtype(dt, jnp.floating):
@@ -271,21 +275,13 @@ def compressed_mean(
       out.append(c + (v_c - c) / (index + 1))
     return jax.tree.unflatten(jax.tree.structure(value), out)
 
-  # `finalize` sees only the compressed carry, not the leaves' own shapes: `init` records
-  # the plans (static shape information) for it.
-  recorded = {}
-
   def finalize(carry):
     plans = recorded["plans"]
     out = [compressor.up(c, a, p) if p.compressed else c
            for p, c, a in zip(plans, jax.tree.leaves(carry), projections(plans))]
     return jax.tree.unflatten(jax.tree.structure(carry), out)
 
-  def init_and_record(value_struct):
-    recorded["plans"] = compressor.plan(value_struct)
-    return init(value_struct)
-
   def aggregate(values):
     return jax.tree.map(lambda v: jnp.mean(v, axis=0), values)
 
-  return optax.microbatching.Accumulator(init_and_record, update, finalize, aggregate)
+  return optax.microbatching.Accumulator(init, update, finalize, aggregate)

@@ -191,7 +191,7 @@ def flora_momentum(
       if not plan.compressed:
         # Same arithmetic as optax.ema(decay, debias=False).
         new_mu = (1 - decay) * g + decay * mu
-        outs.append(new_mu.astype(g.dtype) if hasattr(g, "dtype") else new_mu)
+        outs.append(new_mu.astype(g.dtype))
         new_mus.append(new_mu.astype(compressor.dtype))
         continue
       new_mu = decay_ * mu + (1 - decay_) * compressor.down(g, a, plan)

@@ -1,5 +1,6 @@
 """Shared fixtures: a mixed parameter tree and its NumPy views."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -40,6 +41,17 @@ def side_of(view, side):
   if side == "smaller":
     return smaller
   return "cols" if smaller == "rows" else "rows"
+
+
+def run_transform(tx, grads, params):
+  """Jitted ``tx.update`` over `grads` from ``tx.init(params)``: (outputs, final state)."""
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  outs = []
+  for g in grads:
+    out, state = update(g, state, params)
+    outs.append(out)
+  return outs, state
 
 
 def random_tree(rng, shapes=SHAPES, dtype=np.float32, scale=1.0):

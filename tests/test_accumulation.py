@@ -10,17 +10,7 @@ import pytest
 
 import flora_optax
 from tests import reference
-from tests.conftest import AXES, RANK, SHAPES, VIEWS, random_tree, side_of
-
-
-def _run(tx, grads, params):
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  outs = []
-  for g in grads:
-    out, state = update(g, state, params)
-    outs.append(out)
-  return outs, state
+from tests.conftest import AXES, RANK, SHAPES, VIEWS, random_tree, run_transform, side_of
 
 
 def _projector(params, side, projection, transform="accumulate", seed=0):
@@ -40,7 +30,7 @@ def test_matches_float64_reference(projection, side, schedule, params, rng):
   grads = [random_tree(rng) for _ in range(10)]
   tx = flora_optax.flora_accumulate(optax.identity(), k_arg, RANK, seed=5, axes=AXES,
                                     side=side, projection=projection)
-  outs, state = _run(tx, grads, params)
+  outs, state = run_transform(tx, grads, params)
   proj = _projector(params, side, projection, seed=5)
   for name, view in VIEWS.items():
     ref = reference.accumulate([g[name] for g in grads], view, side_of(view, side),
@@ -50,7 +40,7 @@ def test_matches_float64_reference(projection, side, schedule, params, rng):
                                  err_msg=f"{name} micro-step {t}")
   # The vector leaf is never compressed: it is MultiSteps' exact mean.
   multi = optax.MultiSteps(optax.identity(), k_arg)
-  theirs, _ = _run(multi, grads, params)
+  theirs, _ = run_transform(multi, grads, params)
   for o, t in zip(outs, theirs):
     np.testing.assert_allclose(o["bias"], t["bias"], rtol=1e-6, atol=1e-7)
 
@@ -58,9 +48,9 @@ def test_matches_float64_reference(projection, side, schedule, params, rng):
 def test_uncompressed_matches_optax_multisteps(params, rng):
   grads = [random_tree(rng) for _ in range(9)]
   inner = optax.adafactor(1e-2, min_dim_size_to_factor=8, momentum=0.9)
-  ours, ours_state = _run(flora_optax.flora_accumulate(inner, 3, RANK, mask=False), grads,
+  ours, ours_state = run_transform(flora_optax.flora_accumulate(inner, 3, RANK, mask=False), grads,
                           params)
-  theirs, theirs_state = _run(optax.MultiSteps(inner, 3), grads, params)
+  theirs, theirs_state = run_transform(optax.MultiSteps(inner, 3), grads, params)
   for o, t in zip(ours, theirs):
     for k in SHAPES:
       np.testing.assert_allclose(o[k], t[k], rtol=1e-5, atol=1e-7)
@@ -73,8 +63,8 @@ def test_k_different_gradients_equal_k_copies_of_their_mean(params, rng):
   grads = [random_tree(rng) for _ in range(k)]
   mean = jax.tree.map(lambda *g: sum(g) / k, *grads)
   tx = flora_optax.flora_accumulate(optax.identity(), k, RANK, axes=AXES)
-  outs, _ = _run(tx, grads, params)
-  outs_mean, _ = _run(tx, [mean] * k, params)
+  outs, _ = run_transform(tx, grads, params)
+  outs_mean, _ = run_transform(tx, [mean] * k, params)
   for name in SHAPES:
     np.testing.assert_allclose(outs[-1][name], outs_mean[-1][name], rtol=1e-4, atol=1e-5)
     for t in range(k - 1):

@@ -10,20 +10,10 @@ import pytest
 
 import flora_optax
 from tests import reference
-from tests.conftest import AXES, RANK, SHAPES, VIEWS, random_tree, side_of
+from tests.conftest import AXES, RANK, SHAPES, VIEWS, random_tree, run_transform, side_of
 
 STEPS = 9
 KAPPA = 3
-
-
-def _run(tx, grads, params):
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  outs = []
-  for g in grads:
-    out, state = update(g, state, params)
-    outs.append(out)
-  return outs, state
 
 
 def _projector(params, side, projection, seed=0):
@@ -62,7 +52,7 @@ def test_matches_float64_reference(case, params, rng):
   tx = flora_optax.flora_momentum(RANK, decay, case["kappa"], seed=3, axes=AXES,
                                   side=case["side"], projection=case["projection"],
                                   transfer=case["transfer"], emit=case["emit"])
-  outs, state = _run(tx, grads, params)
+  outs, state = run_transform(tx, grads, params)
   proj = _projector(params, case["side"], case["projection"], seed=3)
   for name, view in VIEWS.items():
     side = side_of(view, case["side"])
@@ -84,8 +74,8 @@ def test_matches_float64_reference(case, params, rng):
 
 def test_uncompressed_leaves_match_optax_ema(params, rng):
   grads = [random_tree(rng) for _ in range(6)]
-  ours, ours_state = _run(flora_optax.flora_momentum(RANK, 0.9, 2, mask=False), grads, params)
-  theirs, theirs_state = _run(optax.ema(0.9, debias=False), grads, params)
+  ours, ours_state = run_transform(flora_optax.flora_momentum(RANK, 0.9, 2, mask=False), grads, params)
+  theirs, theirs_state = run_transform(optax.ema(0.9, debias=False), grads, params)
   for o, t in zip(ours, theirs):
     for k in SHAPES:
       np.testing.assert_allclose(o[k], t[k], rtol=1e-6, atol=1e-7)
@@ -100,8 +90,8 @@ def test_transfer_is_up_old_then_down_new(transfer, params, rng):
   kappa, decay = 4, 0.5
   grads = [random_tree(rng) for _ in range(kappa)] + [jax.tree.map(jnp.zeros_like, params)]
   tx = flora_optax.flora_momentum(RANK, decay, kappa, axes=AXES, transfer=transfer)
-  _, before = _run(tx, grads[:kappa], params)
-  _, after = _run(tx, grads, params)
+  _, before = run_transform(tx, grads[:kappa], params)
+  _, after = run_transform(tx, grads, params)
   proj = _projector(params, "smaller", "gaussian")
   for name, view in VIEWS.items():
     side = side_of(view, "smaller")
