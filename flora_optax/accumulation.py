@@ -161,8 +161,11 @@ def flora_accumulate(
       for plan, g, acc, a in zip(plans, jax.tree.leaves(updates),
                                  jax.tree.leaves(state.compressed_acc), projections):
         g_c = compressor.down(g, a, plan) if plan.compressed else g
+        acc = acc.astype(compressor.compute_dtype)
         # Welford's running mean, as optax.MultiSteps does.
-        new_acc.append((acc + (g_c - acc) / (n_acc + 1)).astype(compressor.dtype))
+        # (A bf16 buffer is rounded stochastically, with new bits every micro-step.)
+        new_acc.append(compressor.store(acc + (g_c - acc) / (n_acc + 1), state.key_data,
+                                        plan.index, state.gradient_step, state.mini_step))
       emit = state.mini_step == k - 1
 
       def finish(new_acc, inner_state):
@@ -271,7 +274,8 @@ def compressed_mean(
     out = []
     for p, c, v, a in zip(plans, jax.tree.leaves(carry), jax.tree.leaves(value),
                           projections(plans)):
-      v_c = compressor.down(v, a, p) if p.compressed else v.astype(compressor.dtype)
+      v_c = compressor.down(v, a, p) if p.compressed else v.astype(compressor.compute_dtype)
+      c = c.astype(compressor.compute_dtype)
       out.append(c + (v_c - c) / (index + 1))
     return jax.tree.unflatten(jax.tree.structure(value), out)
 

@@ -129,8 +129,10 @@ def flora_momentum(
     transfer: ``"least_squares"`` (default), ``"unbiased"`` or ``"auto"``, see above.
     emit: ``"compressed"`` emits ``up(M_t)`` (Algorithm 2); ``"exact_gradient"`` emits
       ``β·up(M_{t-1}) + (1-β)·G_t``: the current update exact, only the history compressed.
-    dtype: dtype of all momentum buffers (default float32: a bf16 EMA stalls short of its
-      target).
+    dtype: storage dtype of the momentum buffers (default float32). Arithmetic and
+      projections always run in float32 at least; ``"bfloat16"`` buffers are rounded
+      stochastically, which keeps the EMA unbiased (measured: within 0.3% of the float32 EMA,
+      where round-to-nearest settles 3.9% short; ``tests/test_momentum.py``).
     precision: ``jax.lax.Precision`` of the projection matmuls (``None``: JAX's default).
     prng_impl: ``"threefry2x32"`` (default; same numbers under any sharding) or the faster
       ``"rbg"``/``"unsafe_rbg"``, whose numbers may change with sharding and JAX version.
@@ -169,7 +171,8 @@ def flora_momentum(
     treedef = jax.tree.structure(updates)
     grads = jax.tree.leaves(updates)
     mus = jax.tree.leaves(state.compressed_mu)
-    decay_ = jnp.asarray(decay, compressor.dtype)
+    compute = compressor.compute_dtype
+    decay_ = jnp.asarray(decay, compute)
 
     if kappa is None:
       cycle = jnp.zeros([], jnp.int32)
@@ -188,19 +191,20 @@ def flora_momentum(
 
     outs, new_mus = [], []
     for plan, g, mu, a in zip(plans, grads, mus, projections):
+      if mu.dtype != compute:
+        mu = mu.astype(compute)
       if not plan.compressed:
         # Same arithmetic as optax.ema(decay, debias=False).
         new_mu = (1 - decay) * g + decay * mu
-        outs.append(new_mu.astype(g.dtype))
-        new_mus.append(new_mu.astype(compressor.dtype))
-        continue
-      new_mu = decay_ * mu + (1 - decay_) * compressor.down(g, a, plan)
-      if emit == "compressed":
-        out = compressor.up(new_mu, a, plan)
+        out = new_mu
       else:
-        out = decay_ * compressor.up(mu, a, plan) + (1 - decay_) * g.astype(compressor.dtype)
+        new_mu = decay_ * mu + (1 - decay_) * compressor.down(g, a, plan)
+        if emit == "compressed":
+          out = compressor.up(new_mu, a, plan)
+        else:
+          out = decay_ * compressor.up(mu, a, plan) + (1 - decay_) * g.astype(compute)
       outs.append(out.astype(g.dtype))
-      new_mus.append(new_mu.astype(compressor.dtype))
+      new_mus.append(compressor.store(new_mu, state.key_data, plan.index, state.count))
 
     new_state = FloraMomentumState(
         count=optax.safe_increment(state.count),

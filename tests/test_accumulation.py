@@ -224,3 +224,16 @@ def test_compressed_mean_microbatching_matches_reference(rng):
       grad_fn, argnums=(1, 2), microbatch_size=2,
       accumulator=flora_optax.compressed_mean(RANK, cycle=c, seed=2))(w, x, y))(7)
   np.testing.assert_allclose(traced["w"], got["w"], rtol=1e-6)
+
+
+def test_bfloat16_accumulator_is_the_float32_mean_to_a_bf16_ulp(params, rng):
+  grads = [random_tree(rng) for _ in range(16)]
+  outs = {}
+  for dtype in ("float32", "bfloat16"):
+    tx = flora_optax.flora_accumulate(optax.identity(), 16, RANK, axes=AXES, dtype=dtype)
+    result, state = run_transform(tx, grads, params)
+    outs[dtype] = result[-1]
+    assert all(leaf.dtype == jnp.dtype(dtype) for leaf in jax.tree.leaves(state.compressed_acc))
+  for name in SHAPES:
+    x, r = np.asarray(outs["bfloat16"][name]), np.asarray(outs["float32"][name])
+    assert np.linalg.norm(x - r) / np.linalg.norm(r) < 0.01, name
