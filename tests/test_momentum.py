@@ -16,11 +16,11 @@ STEPS = 9
 KAPPA = 3
 
 
-def _projector(params, side, projection, seed=0):
+def _projector(params, side, projection, seed=0, **options):
   @functools.cache
   def at(cycle):
     return flora_optax.projections(params, RANK, cycle, seed, transform="momentum", axes=AXES,
-                                   side=side, projection=projection)
+                                   side=side, projection=projection, **options)
   return at
 
 
@@ -37,7 +37,14 @@ CASES = [
     # decay 0.65, kappa 3: decay**kappa * sqrt(d/4) is 0.67, 0.55 (least squares) for the
     # wide and tall leaves and 0.48, 0.43 (unbiased) for the stack and conv leaves.
     dict(projection="gaussian", transfer="auto", emit="compressed", side="smaller",
-         kappa=KAPPA, decay=0.65)]
+         kappa=KAPPA, decay=0.65),
+    # A partial mask (the tall matrix keeps a plain EMA) and the opt-in rbg generator.
+    dict(projection="gaussian", transfer="least_squares", emit="compressed", side="smaller",
+         kappa=KAPPA, mask="no-tall"),
+    dict(projection="rademacher", transfer="least_squares", emit="compressed", side="smaller",
+         kappa=KAPPA, prng_impl="rbg")]
+MASKS = {None: None, "no-tall": {"wide": None, "tall": False, "bias": None, "stack": None,
+                                 "conv": None}}
 
 
 def _auto_choice(decay, kappa, view, side):
@@ -49,12 +56,21 @@ def _auto_choice(decay, kappa, view, side):
 def test_matches_float64_reference(case, params, rng):
   decay = case.get("decay", 0.8)
   grads = [random_tree(rng) for _ in range(STEPS)]
+  mask = MASKS[case.get("mask")]
+  prng_impl = case.get("prng_impl", "threefry2x32")
   tx = flora_optax.flora_momentum(RANK, decay, case["kappa"], seed=3, axes=AXES,
                                   side=case["side"], projection=case["projection"],
-                                  transfer=case["transfer"], emit=case["emit"])
+                                  transfer=case["transfer"], emit=case["emit"], mask=mask,
+                                  prng_impl=prng_impl)
   outs, state = run_transform(tx, grads, params)
-  proj = _projector(params, case["side"], case["projection"], seed=3)
+  proj = _projector(params, case["side"], case["projection"], seed=3, mask=mask,
+                    prng_impl=prng_impl)
   for name, view in VIEWS.items():
+    if mask is not None and mask[name] is False:
+      ref = reference.ema([g[name] for g in grads], decay)
+      np.testing.assert_allclose(outs[-1][name], ref[-1], rtol=1e-5, atol=1e-6)
+      assert proj(0)[name] is None
+      continue
     side = side_of(view, case["side"])
     transfer = case["transfer"]
     if transfer == "auto":
