@@ -241,7 +241,8 @@ class Compressor:
     would drop every EMA increment below half a bfloat16 ulp of the stored value: a bf16 EMA
     with decay 0.9 settled 3.9% short of its target that way (tests/test_momentum.py measures
     both). The rounding bits come from the transform's own key, folded with a tag no leaf
-    index reaches, the leaf index and `step`, so they never coincide with a projection's.
+    index reaches, the leaf index and the `steps` counters, so they never coincide with a
+    projection's.
     """
     if x.dtype == self.dtype:
       return x

@@ -276,7 +276,9 @@ def compressed_mean(
                           projections(plans)):
       v_c = compressor.down(v, a, p) if p.compressed else v.astype(compressor.compute_dtype)
       c = c.astype(compressor.compute_dtype)
-      out.append(c + (v_c - c) / (index + 1))
+      # Stored like every Flora buffer (bf16: stochastic rounding, new bits per micro-batch),
+      # which also keeps the loop carry in its storage dtype.
+      out.append(compressor.store(c + (v_c - c) / (index + 1), key_data, p.index, cycle, index))
     return jax.tree.unflatten(jax.tree.structure(value), out)
 
   def finalize(carry):

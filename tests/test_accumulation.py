@@ -237,3 +237,16 @@ def test_bfloat16_accumulator_is_the_float32_mean_to_a_bf16_ulp(params, rng):
   for name in SHAPES:
     x, r = np.asarray(outs["bfloat16"][name]), np.asarray(outs["float32"][name])
     assert np.linalg.norm(x - r) / np.linalg.norm(r) < 0.01, name
+
+
+def test_compressed_mean_with_bfloat16_carry(rng):
+  w = jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((16, 32)), jnp.float32)
+  grad_fn = jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w)))
+  results = {}
+  for dtype in ("float32", "bfloat16"):
+    acc = flora_optax.compressed_mean(RANK, cycle=3, dtype=dtype)
+    results[dtype] = jax.jit(optax.microbatching.microbatch(
+        grad_fn, argnums=1, microbatch_size=2, accumulator=acc))(w, x)
+  x_, r = np.asarray(results["bfloat16"], np.float64), np.asarray(results["float32"], np.float64)
+  assert np.linalg.norm(x_ - r) / np.linalg.norm(r) < 0.01
