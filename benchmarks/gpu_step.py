@@ -17,11 +17,11 @@ What it measures (one process, one device):
   (largest rank).
 
 Timing method: every configuration of a group (one tree size and dtype) is compiled first
-(in parallel threads, with a persistent compilation cache), warmed up, then timed in
-*interleaved* repetitions (rep i runs every configuration once, in an order rotated by i),
-each repetition ended by ``jax.block_until_ready``. Reported: the median time, its
-25-75 % range, and the ratio to naive momentum as the median of the per-repetition ratios
-(measured side by side). Flora's default ``kappa=1000`` means no timed step resamples (the
+(in parallel threads, with a persistent compilation cache), warmed up, then timed by
+``_harness.time_interleaved``: interleaved rounds (each round runs every configuration once,
+in an order rotated by one per round, ended by ``jax.block_until_ready``). Reported: the median
+time, its interquartile range, and the ratio to naive momentum as the median of the per-round
+ratios (measured side by side). Flora's default ``kappa=1000`` means no timed step resamples (the
 resample branch sits behind a ``lax.cond``); GaLore's SVD (every 200 steps) likewise is
 not in the median.
 
@@ -40,30 +40,26 @@ copy (``x + 1`` on a 1 GiB array: read + write); and ``flops / rate`` with
 accumulation: down every micro-step, up once per cycle), rate measured on a
 ``(4D, D) @ (D, r)`` fp32 matmul at default precision. ``floor = max(bytes, flops)`` terms.
 
-Device command (one call, under 10 minutes on an H100; the script stops starting new work
-at ``--budget-s`` seconds and always writes what it has)::
+Device command (one call from the repository root, under 10 minutes on an H100; the script
+stops starting new work at ``--budget-s`` seconds and always writes what it has)::
 
-    pip install --no-deps -e . >/dev/null && python benchmarks/gpu_step.py --out $OUT
+    pip install --no-deps -e . >/dev/null && python -m benchmarks.gpu_step --out $OUT
 
 Default repetition counts are small (``--reps 20`` update, ``--train-reps 15``) to leave
 room for ~45 compilations; raise them with ``--reps`` when time allows.
-CPU smoke test (CI): ``python benchmarks/gpu_step.py --quick`` (tiny trees, < 60 s).
+CPU smoke test (CI): ``python -m benchmarks.gpu_step --quick`` (tiny trees, < 60 s).
 
 Output: a markdown table on stdout, ``gpu_step.json`` and ``gpu_step.md`` in ``--out``
-(default ``$OUT`` if set, else ``benchmarks/results/gpu_step/``; ``--quick``: a temp dir).
+(default ``$OUT`` if set, else ``benchmarks/results/gpu_step/``; ``--quick``:
+``benchmarks/results/gpu_step-quick/``).
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
-import datetime
-import functools
 import json
 import math
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,22 +72,21 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import flora_optax  # noqa: E402
+from benchmarks import _harness  # noqa: E402
 
 SIZES = {
-    # name: layers, width, vocab, context, heads
-    "small": dict(layers=12, d=768, vocab=50257, ctx=1024, heads=12),
-    "medium": dict(layers=24, d=1024, vocab=50257, ctx=1024, heads=16),
-    "tiny": dict(layers=2, d=64, vocab=512, ctx=128, heads=4),
+    "small": _harness.GPT2["small"],
+    "medium": _harness.GPT2["medium"],
+    "tiny": _harness.GPT2Size(layers=2, width=64, heads=4, vocab=512, context=128),
 }
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 LR = 1e-3
 K_ACC = 16
 
-# H100 reference (docs: /work/shared/FLORA.md), GPT-2-small tree, fp32, ms.
+# H100 reference (docs/spec.md, "Reference costs"), GPT-2-small tree, fp32, ms.
 REFERENCE_MS = {
     ("update", "small", "fp32", "adafactor"): 11.0,
     ("update", "small", "fp32", "naive"): 10.3,
@@ -110,56 +105,6 @@ def log(msg):
 
 
 # ------------------------------------------------------------------------- trees and model
-
-
-def param_shapes(size):
-  """GPT-2 parameter tree (HF layout, Conv1D kernels (in, out)) as {path: shape}."""
-  c = SIZES[size]
-  d = c["d"]
-  ln = lambda: {"scale": (d,), "bias": (d,)}  # noqa: E731
-  tree = {"wte": (c["vocab"], d), "wpe": (c["ctx"], d), "ln_f": ln()}
-  for i in range(c["layers"]):
-    tree[f"h_{i:02d}"] = {
-        "ln_1": ln(),
-        "attn": {"c_attn": {"kernel": (d, 3 * d), "bias": (3 * d,)},
-                 "c_proj": {"kernel": (d, d), "bias": (d,)}},
-        "ln_2": ln(),
-        "mlp": {"c_fc": {"kernel": (d, 4 * d), "bias": (4 * d,)},
-                "c_proj": {"kernel": (4 * d, d), "bias": (d,)}},
-    }
-  return tree
-
-
-def _is_shape(x):
-  return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
-
-
-def build_tree(size, dtype, seed, scale=0.02, like_params=True):
-  """Random arrays on the device, one small jit per leaf (no full-tree temporaries).
-
-  Params (``like_params``): matrices ``N(0, scale²)``, layer-norm scales 1, biases 0.
-  Gradients: every leaf ``N(0, scale²)``.
-  """
-  shapes = param_shapes(size)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)
-
-  @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-  def make(key, shape, dt, kind):
-    if kind == "ones":
-      return jnp.ones(shape, dt)
-    if kind == "zeros":
-      return jnp.zeros(shape, dt)
-    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dt)
-
-  leaves = []
-  key = jax.random.key(seed)
-  for i, (path, shape) in enumerate(flat):
-    last = jax.tree_util.keystr(path[-1:])
-    kind = "normal"
-    if like_params and len(shape) == 1:
-      kind = "ones" if "scale" in last else "zeros"
-    leaves.append(make(jax.random.fold_in(key, i), shape, jnp.dtype(dtype), kind))
-  return jax.tree.unflatten(treedef, leaves)
 
 
 def layer_norm(x, p, eps=1e-5):
@@ -241,19 +186,19 @@ class Config:
     if kind == "train":
       self.calls = 1
     self.quick = quick
-    self.times = []
     self.error = None
     self.compiled = None
 
   def build(self):
     dt = DTYPES[self.dtype]
-    self.params = build_tree(self.size, dt, seed=0)
+    shapes = _harness.gpt2_shapes(SIZES[self.size], dt)
+    self.params = _harness.random_tree(shapes, seed=0)
     if self.kind == "update":
-      self.extra = build_tree(self.size, dt, seed=1, scale=1e-3, like_params=False)  # grads
+      self.extra = _harness.random_tree(shapes, seed=1, scale=1e-3, like_params=False)  # grads
     else:
-      c = SIZES[self.size]
       b, t = (2, 32) if self.quick else (8, 512)
-      self.extra = jax.random.randint(jax.random.key(2), (b, t), 0, c["vocab"], jnp.int32)
+      self.extra = jax.random.randint(jax.random.key(2), (b, t), 0, SIZES[self.size].vocab,
+                                      jnp.int32)
     self.state = jax.jit(self.tx.init)(self.params)
     jax.block_until_ready((self.params, self.state, self.extra))
     self.params_bytes = tree_bytes(self.params)
@@ -266,7 +211,7 @@ class Config:
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
     else:
-      heads = SIZES[self.size]["heads"]
+      heads = SIZES[self.size].heads
 
       def step(params, state, tokens):
         loss, grads = jax.value_and_grad(gpt2_loss)(params, tokens, heads)
@@ -295,11 +240,6 @@ class Config:
       self.params, self.state = out[0], out[1]
     return out
 
-  def time_once(self):
-    t = time.perf_counter()
-    jax.block_until_ready(self.run(self.calls))
-    return (time.perf_counter() - t) / self.calls
-
   def free(self):
     for attr in ("params", "state", "extra", "compiled"):
       if hasattr(self, attr):
@@ -309,31 +249,22 @@ class Config:
 # ------------------------------------------------------------------------- floor
 
 
+def median_seconds(fn, reps=10):
+  return _harness.time_interleaved({"fn": fn}, reps)["fn"].median
+
+
 def measure_bandwidth(quick, reps=10):
   n = (4 << 20) if quick else (256 << 20)  # float32 elements: 16 MiB or 1 GiB
   x = jnp.ones((n,), jnp.float32)
   f = jax.jit(lambda x: x + 1.0)
-  jax.block_until_ready(f(x))
-  ts = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(f(x))
-    ts.append(time.perf_counter() - t)
-  del x
-  return 2 * n * 4 / statistics.median(ts)  # bytes/s, read + write
+  return 2 * n * 4 / median_seconds(lambda: f(x), reps)  # bytes/s, read + write
 
 
 def measure_matmul(n, d, r, reps=10, dtype=jnp.float32):
   a = jax.random.normal(jax.random.key(0), (n, d), dtype)
   b = jax.random.normal(jax.random.key(1), (d, r), dtype)
   f = jax.jit(lambda a, b: a @ b)
-  jax.block_until_ready(f(a, b))
-  ts = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(f(a, b))
-    ts.append(time.perf_counter() - t)
-  return 2 * n * d * r / statistics.median(ts)  # flop/s
+  return 2 * n * d * r / median_seconds(lambda: f(a, b), reps)  # flop/s
 
 
 def projection_flops(cfg):
@@ -405,32 +336,26 @@ def time_group(kind, size, dtype, cfg_list, args, deadline, results):
       c.error = f"{type(e).__name__}: {e}"
       log(f"  {c.name}: warm-up failed: {c.error[:300]}")
       live.remove(c)
-  done = 0
-  for i in range(reps):
-    if time.perf_counter() > deadline and done >= 3:
-      log(f"  budget reached: stopping after {done} repetitions")
-      break
-    order = live[i % len(live):] + live[:i % len(live)] if live else []
-    for c in order:
-      c.times.append(c.time_once())
-    done += 1
-  naive = next((c for c in live if c.opt == "naive"), None)
+  timings = _harness.time_interleaved(
+      {c.name: (lambda c=c: c.run(c.calls)) for c in live}, reps, warmup=0,
+      units={c.name: c.calls for c in live}, deadline=deadline)
+  done = min((len(t.seconds) for t in timings.values()), default=0)
+  if done < reps:
+    log(f"  budget reached: stopped after {done} repetitions")
+  naive = timings.get(next((c.name for c in live if c.opt == "naive"), None))
   for c in cfgs:
     row = dict(kind=kind, size=size, dtype=dtype, name=c.name, opt=c.opt, rank=c.rank,
                micro_steps_per_rep=c.calls, error=c.error)
-    if c.error is None and c.times:
-      ts = sorted(c.times)
+    timing = timings.get(c.name)
+    if c.error is None and timing is not None and timing.seconds:
+      summary = timing.summary(naive)
+      if "ratio" in summary:
+        summary["ratio_to_naive"] = summary.pop("ratio")
       row.update(
-          reps=len(ts), ms=1e3 * statistics.median(ts),
-          ms_p25=1e3 * float(np.percentile(ts, 25)), ms_p75=1e3 * float(np.percentile(ts, 75)),
+          reps=summary.pop("rounds"), **summary,
           compile_s=c.compile_s, params_bytes=c.params_bytes, state_bytes=c.state_bytes,
           state_over_params=c.state_bytes / c.params_bytes,
           memory_analysis=c.memory_analysis)
-      if naive is not None and naive.times:
-        per_rep = [a / b for a, b in zip(c.times, naive.times)]
-        row["ratio_to_naive"] = statistics.median(per_rep)
-        row["ratio_p25"] = float(np.percentile(per_rep, 25))
-        row["ratio_p75"] = float(np.percentile(per_rep, 75))
       if kind == "update":
         fb = floor_bytes(c)
         ff = projection_flops(c)
@@ -490,10 +415,10 @@ def memory_phase(specs, args, deadline, results):
       if left < 20:
         mem.append(dict(spec, error="skipped: time budget"))
         continue
-      cmd = [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec),
+      cmd = [sys.executable, "-m", "benchmarks.gpu_step", "--_worker", json.dumps(spec),
              "--cache-dir", args.cache_dir]
       p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env=env)
+                           env=env, cwd=_harness.REPO_ROOT)
       procs[p] = (spec, time.perf_counter() + left)
     for p, (spec, until) in list(procs.items()):
       if p.poll() is None and time.perf_counter() < until:
@@ -525,11 +450,7 @@ def _fmt(x, f="{:.2f}"):
 def markdown(results):
   mem = {(m["kind"], m["size"], m["dtype"], config_name(m["opt"], m["rank"])): m
          for m in results["memory"]}
-  env = results["env"]
-  lines = [f"Device: {env['device']} ({env['backend']}); jax {env['jax']}, optax "
-           f"{env['optax']}, flora_optax {env['flora_optax']}. Command: `{env['command']}`.",
-           "",
-           f"Measured bandwidth {results['floor']['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s "
+  lines = [f"Measured bandwidth {results['floor']['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s "
            f"(1 GiB `x + 1`, read + write); matmul rate (fp32, default precision): "
            + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s"
                        for k, v in results["floor"]["matmul_flops_per_s"].items()) + ".",
@@ -578,8 +499,7 @@ def markdown(results):
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--quick", action="store_true", help="tiny trees, 3 reps (CPU smoke test)")
+  ap = _harness.arg_parser(__doc__, "tiny trees, 3 reps (CPU smoke test)")
   ap.add_argument("--sizes", default=None, help="comma list of small,medium,tiny")
   ap.add_argument("--ranks", default=None, help="comma list, default 64,256")
   ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16")
@@ -593,10 +513,9 @@ def main():
   ap.add_argument("--compile-threads", type=int, default=8)
   ap.add_argument("--budget-s", type=float, default=None,
                   help="stop starting new work after this many seconds (530; quick 240: the smoke test must reach every phase)")
-  ap.add_argument("--out", default=None)
   ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(),
                                                       "flora_gpu_step_cache"))
-  ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+  ap.add_argument("--_worker", default=None, help="(internal: one memory measurement)")
   args = ap.parse_args()
   if args.quick or (args._worker and json.loads(args._worker).get("quick")):
     # Smoke test: compile time dominates on CPU; the unoptimised backend compiles ~3x faster.
@@ -621,38 +540,26 @@ def main():
   args.memory_workers = args.memory_workers or (1 if q else 3)
   train_size = args.train_size or ("tiny" if q else "small")
   # --quick never writes into the committed results unless told to with --out.
-  out_dir = args.out or os.environ.get("OUT") or (
-      tempfile.mkdtemp(prefix="gpu_step_quick_") if q else os.path.join(
-          os.path.dirname(os.path.abspath(__file__)), "results", "gpu_step"))
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = _harness.results_dir("gpu_step", q, args.out or os.environ.get("OUT"))
   # Timing stops starting new groups early enough to leave the memory phase its share.
   reserve = 0 if args.no_memory else (10 if q else 100)
   deadline = T0 + args.budget_s - reserve
 
-  dev = jax.devices()[0]
-  results = dict(
-      env=dict(device=getattr(dev, "device_kind", str(dev)), backend=jax.default_backend(),
-               jax=jax.__version__, optax=optax.__version__,
-               flora_optax=flora_optax.__version__, python=platform.python_version(),
-               command="python " + " ".join(sys.argv),
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
-      args={k: v for k, v in vars(args).items() if not k.startswith("_")},
-      method=__doc__, timings=[], memory=[], floor={})
-  log(f"device {results['env']['device']}, jax {jax.__version__}; out {out_dir}")
+  info = _harness.machine_info()
+  results = dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
+                 method=__doc__, timings=[], memory=[], floor={})
+  log(f"device {info['device']}, jax {jax.__version__}; out {out_dir}")
 
   def save():
-    with open(os.path.join(out_dir, "gpu_step.json"), "w") as f:
-      json.dump(results, f, indent=1, default=str)
     md = markdown(results)
-    with open(os.path.join(out_dir, "gpu_step.md"), "w") as f:
-      f.write(md)
+    _harness.write_report(out_dir, "gpu_step", results, md, info)
     return md
 
   # Floor: bandwidth and matmul rates (a few seconds).
   results["floor"]["bandwidth_bytes_per_s"] = measure_bandwidth(q)
   rates = {}
   for size in sorted(set(sizes)):
-    d = SIZES[size]["d"]
+    d = SIZES[size].width
     for r in ranks:
       rates[f"{size}_r{r}"] = measure_matmul(4 * d, d, r)
   rates["square"] = measure_matmul(*(3 * (512 if q else 8192,)))
@@ -699,7 +606,7 @@ def main():
   md = save()
   print()
   print(md)
-  log(f"done; wrote {out_dir}/gpu_step.json and gpu_step.md")
+  log(f"done; wrote {out_dir / 'gpu_step.json'} and gpu_step.md")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 For a tree of GPT-2-small-shaped transformer blocks (default: 2 blocks of width 768, the
 embeddings left out to keep CPU time short; ``--layers``/``--width`` change it) and rank
-``--rank``, measures per step, with every variant of a measurement timed in interleaved
-repetitions (rep i runs all variants, order rotated by i; median, 25-75 % range, and the
-median of per-repetition ratios to the first variant):
+``--rank``, measures per step, with the variants of a measurement timed side by side by
+``_harness.time_interleaved`` (median and interquartile range over rounds, and the median of
+per-round ratios to the first variant):
 
 1. generating the projections of every compressed leaf (``flora_optax.projections``,
    jitted, cycle passed as a traced argument): gaussian vs rademacher vs orthogonal, and
@@ -18,25 +18,15 @@ median of per-repetition ratios to the first variant):
 Predictions are written in ``PREDICTIONS`` before any measurement and printed next to
 each outcome.
 
-    python benchmarks/levers.py            # ~3-6 min on 2 busy CPU cores
-    python benchmarks/levers.py --quick    # tiny tree, seconds
+    python -m benchmarks.levers            # ~3-6 min on 2 busy CPU cores
+    python -m benchmarks.levers --quick    # tiny tree, seconds
 
 Writes ``levers.json``, ``levers.md`` and ``SECTION.md`` (for docs/benchmarks.md) into
-``--out`` (default ``benchmarks/results/levers/``; ``--quick`` defaults to a temp dir so a
-smoke test never overwrites the committed results).
+``benchmarks/results/levers/`` (``--quick``: ``benchmarks/results/levers-quick/``; or ``--out``).
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import jax
@@ -45,6 +35,7 @@ import numpy as np
 import optax
 
 import flora_optax
+from benchmarks import _harness
 
 # Written before the first measurement (CPU, rank 64, blocks of width 768). "ratio" is to the
 # first variant of the same measurement.
@@ -70,48 +61,17 @@ PREDICTIONS = {
 
 
 def block_tree(layers, width, seed=0):
-  d = width
-  key = jax.random.key(seed)
-  shapes = {}
-  for i in range(layers):
-    shapes[f"h_{i:02d}"] = {
-        "attn": {"c_attn": {"kernel": (d, 3 * d), "bias": (3 * d,)},
-                 "c_proj": {"kernel": (d, d), "bias": (d,)}},
-        "mlp": {"c_fc": {"kernel": (d, 4 * d), "bias": (4 * d,)},
-                "c_proj": {"kernel": (4 * d, d), "bias": (d,)}},
-        "ln_1": {"scale": (d,), "bias": (d,)},
-    }
-  flat, treedef = jax.tree.flatten(
-      shapes, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x))
-  leaves = [jax.random.normal(jax.random.fold_in(key, i), s, jnp.float32)
-            for i, s in enumerate(flat)]
-  return jax.tree.unflatten(treedef, leaves)
+  """GPT-2 blocks of the given width without the embeddings, every leaf N(0, 1)."""
+  size = _harness.GPT2Size(layers=layers, width=width, heads=1)
+  return _harness.random_tree(_harness.gpt2_shapes(size, embeddings=False), seed, scale=1.0,
+                              like_params=False)
 
 
 def interleaved(variants, reps, warmup=2):
-  """variants: {name: zero-arg callable returning arrays}. Returns {name: stats}."""
-  names = list(variants)
-  for n in names:
-    for _ in range(warmup):
-      jax.block_until_ready(variants[n]())
-  times = {n: [] for n in names}
-  for i in range(reps):
-    order = names[i % len(names):] + names[:i % len(names)]
-    for n in order:
-      t = time.perf_counter()
-      jax.block_until_ready(variants[n]())
-      times[n].append(time.perf_counter() - t)
-  base = times[names[0]]
-  out = {}
-  for n in names:
-    ts = times[n]
-    ratios = [a / b for a, b in zip(ts, base)]
-    out[n] = dict(ms=1e3 * statistics.median(ts), ms_p25=1e3 * float(np.percentile(ts, 25)),
-                  ms_p75=1e3 * float(np.percentile(ts, 75)),
-                  ratio=statistics.median(ratios),
-                  ratio_p25=float(np.percentile(ratios, 25)),
-                  ratio_p75=float(np.percentile(ratios, 75)), reps=len(ts))
-  return out
+  """variants: {name: zero-arg callable}; stats relative to the first variant."""
+  timings = _harness.time_interleaved(variants, reps, warmup=warmup)
+  base = timings[next(iter(variants))]
+  return {name: t.summary(base) for name, t in timings.items()}
 
 
 def reference_error(tx, grads, rank, projection, prng_impl, decay):
@@ -135,48 +95,30 @@ def reference_error(tx, grads, rank, projection, prng_impl, decay):
   return (num / den) ** 0.5
 
 
-def env_info():
-  try:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
-                  if ln.startswith("Model name")), platform.processor())
-  except OSError:
-    model = platform.processor()
-  return dict(cpu=model, cores=os.cpu_count(), jax=jax.__version__, optax=optax.__version__,
-              flora_optax=flora_optax.__version__, python=platform.python_version(),
-              backend=jax.default_backend(),
-              load_avg=os.getloadavg() if hasattr(os, "getloadavg") else None,
-              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-
-
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--quick", action="store_true")
+  ap = _harness.arg_parser(__doc__, "a tiny tree, 3 repetitions")
   ap.add_argument("--layers", type=int, default=None)
   ap.add_argument("--width", type=int, default=None)
   ap.add_argument("--rank", type=int, default=None)
   ap.add_argument("--reps", type=int, default=None)
-  ap.add_argument("--out", default=None)
   args = ap.parse_args()
   q = args.quick
   layers = args.layers or (1 if q else 2)
   width = args.width or (128 if q else 768)
   rank = args.rank or (16 if q else 64)
   reps = args.reps or (3 if q else 15)
-  out_dir = args.out or (tempfile.mkdtemp(prefix="levers_") if q else os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), "results", "levers"))
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = _harness.results_dir("levers", q, args.out)
   t_start = time.perf_counter()
   decay = 0.9
 
   grads = block_tree(layers, width)
   n_params = sum(x.size for x in jax.tree.leaves(grads))
-  results = dict(env=env_info(), command="python " + " ".join(sys.argv),
-                 tree=dict(layers=layers, width=width, params=n_params), rank=rank, reps=reps,
+  info = _harness.machine_info()
+  results = dict(tree=dict(layers=layers, width=width, params=n_params), rank=rank, reps=reps,
                  predictions=PREDICTIONS, measurements={})
   print(f"tree: {layers} GPT-2 blocks of width {width} ({n_params / 1e6:.1f}M params, "
-        f"no embeddings), rank {rank}, {reps} interleaved reps; {results['env']['cpu']}, "
-        f"{results['env']['cores']} cores", flush=True)
+        f"no embeddings), rank {rank}, {reps} interleaved reps; {info['cpu']}, "
+        f"{info['cpu_count']} cores", flush=True)
 
   # 1. Projection generation.
   def gen(projection, prng_impl="threefry2x32"):
@@ -221,12 +163,8 @@ def main():
   results["wall_s"] = time.perf_counter() - t_start
 
   md = markdown(results)
-  with open(os.path.join(out_dir, "levers.json"), "w") as f:
-    json.dump(results, f, indent=1, default=str)
-  with open(os.path.join(out_dir, "levers.md"), "w") as f:
-    f.write(md)
-  with open(os.path.join(out_dir, "SECTION.md"), "w") as f:
-    f.write(section(results, md))
+  _harness.write_report(out_dir, "levers", results, md, info)
+  (out_dir / "SECTION.md").write_text(section(results, md, info))
   print(md)
   print(f"wrote {out_dir} in {results['wall_s']:.0f}s")
 
@@ -265,21 +203,20 @@ def markdown(r):
   return "\n".join(lines) + "\n"
 
 
-def section(r, md):
-  e = r["env"]
+def section(r, md, e):
   t = r["tree"]
   return (
       "## Levers on CPU: projection kind, precision, PRNG\n\n"
-      f"Command: `{r['command']}` ({r['wall_s']:.0f} s wall). CPU: {e['cpu']}, "
-      f"{e['cores']} cores (shared with other jobs, load average "
+      f"Command: `{_harness.command_line()}` ({r['wall_s']:.0f} s wall). CPU: {e['cpu']}, "
+      f"{e['cpu_count']} cores (shared with other jobs, load average "
       f"{', '.join(f'{x:.1f}' for x in e['load_avg']) if e['load_avg'] else 'n/a'} at the "
       f"start: timings are noisy, compare ratios, which were measured interleaved). "
       f"jax {e['jax']}, optax {e['optax']}, flora_optax {e['flora_optax']}, Python "
       f"{e['python']}.\n\n"
       f"Tree: {t['layers']} GPT-2-small blocks (width {t['width']}: `c_attn`, `c_proj`, "
-      f"`c_fc`, `mlp.c_proj` kernels, biases, a layer norm; {t['params'] / 1e6:.1f}M "
+      f"`c_fc`, `mlp.c_proj` kernels, biases, layer norms; {t['params'] / 1e6:.1f}M "
       f"params; embeddings left out for CPU time), rank {r['rank']}, median of {r['reps']} "
-      "interleaved repetitions; ratio = median of per-repetition ratios to the first row of "
+      "interleaved rounds; ratio = median of per-round ratios to the first row of "
       "its block. `flora_momentum(rank, 0.9, kappa=1000)`, float32, one jitted `update` "
       "(no resample in the timed steps).\n\n" + md +
       "\nThese are CPU numbers. On a GPU the matmuls are far cheaper relative to random "

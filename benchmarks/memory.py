@@ -3,61 +3,32 @@
 Nothing is allocated: parameter trees are ``jax.ShapeDtypeStruct``s and every state is sized
 with ``flora_optax.state_bytes(jax.eval_shape(tx.init, params))``.
 
-    python benchmarks/memory.py            # GPT-2 small/medium/XL and the demo model
-    python benchmarks/memory.py --quick    # GPT-2 small and the demo model only
+    python -m benchmarks.memory            # GPT-2 small/medium/XL and the demo model
+    python -m benchmarks.memory --quick    # GPT-2 small and the demo model only
 
-Writes ``benchmarks/results/memory/`` (``memory-quick/`` with --quick): memory.json, memory.md,
-memory.png.
+Writes memory.json and memory.md into ``benchmarks/results/memory/`` and memory.png into
+``docs/img/benchmarks/`` (``--quick``: all into ``benchmarks/results/memory-quick/``).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
-import _common  # noqa: F401  (puts examples/ on sys.path)
 import jax
-import jax.numpy as jnp
 import matplotlib
 import optax
 
 import flora_optax
+from benchmarks import _harness
+from examples import shakespeare_lm
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import shakespeare_lm  # noqa: E402
-
-ACCUMULATE_EVERY = 16
+ACCUMULATE_EVERY = shakespeare_lm.ACCUMULATE_EVERY
 LEARNING_RATE = 1e-2  # irrelevant to memory; every optimizer needs one
-
-# (layers, width) of the GPT-2 family; vocabulary 50257 and context 1024 throughout.
-GPT2_SIZES = {"gpt2-small": (12, 768), "gpt2-medium": (24, 1024), "gpt2-xl": (48, 1600)}
-GPT2_VOCAB, GPT2_CONTEXT = 50257, 1024
-
-
-def gpt2_shapes(num_layers: int, width: int, dtype=jnp.float32) -> dict[str, Any]:
-  """GPT-2's parameter tree (Hugging Face layout, tied output layer) as shapes only."""
-  def leaf(*shape):
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-  def block():
-    return {
-        "ln_1": {"scale": leaf(width), "bias": leaf(width)},
-        "attn": {"c_attn": {"kernel": leaf(width, 3 * width), "bias": leaf(3 * width)},
-                 "c_proj": {"kernel": leaf(width, width), "bias": leaf(width)}},
-        "ln_2": {"scale": leaf(width), "bias": leaf(width)},
-        "mlp": {"c_fc": {"kernel": leaf(width, 4 * width), "bias": leaf(4 * width)},
-                "c_proj": {"kernel": leaf(4 * width, width), "bias": leaf(width)}},
-    }
-
-  return {
-      "wte": leaf(GPT2_VOCAB, width),
-      "wpe": leaf(GPT2_CONTEXT, width),
-      "blocks": [block() for _ in range(num_layers)],
-      "ln_f": {"scale": leaf(width), "bias": leaf(width)},
-  }
+GPT2_MODELS = ("small", "medium", "xl")
 
 
 def is_token_embedding(path) -> bool:
@@ -140,8 +111,9 @@ def models(quick: bool) -> dict[str, tuple[Any, list[int], dict]]:
   Adafactor's factoring threshold (the demo's own, see shakespeare_lm.MIN_DIM_TO_FACTOR)."""
   config = shakespeare_lm.Config()
   _, _, vocab_size = shakespeare_lm.load_shakespeare()
-  chosen = {"gpt2-small": GPT2_SIZES["gpt2-small"]} if quick else GPT2_SIZES
-  trees = {name: (gpt2_shapes(*size), [16, 64, 256], {}) for name, size in chosen.items()}
+  chosen = GPT2_MODELS[:1] if quick else GPT2_MODELS
+  trees = {f"gpt2-{name}": (_harness.gpt2_shapes(_harness.GPT2[name]), [16, 64, 256], {})
+           for name in chosen}
   d = config.d_model
   trees["shakespeare demo"] = (shakespeare_lm.param_shapes(config, vocab_size),
                                [d // 8, d // 4, d // 2],
@@ -167,7 +139,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     table.append([r["model"], r["optimizer"], r["rank"] or "-", embedding,
                   fmt_bytes(r["state_bytes"]), f"{r['state_over_params']:.3f}",
                   f"{r['state_over_naive_momentum']:.3f}", f"{r['extra_over_params']:.3f}"])
-  return _common.markdown_table(header, table)
+  return _harness.markdown_table(header, table)
 
 
 def plot(rows: list[dict[str, Any]], path) -> None:
@@ -199,21 +171,15 @@ def plot(rows: list[dict[str, Any]], path) -> None:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="GPT-2 small and the demo only")
-  args = parser.parse_args()
+  args = _harness.arg_parser(__doc__, "GPT-2 small and the demo only").parse_args()
   start = time.perf_counter()
-  out = _common.results_dir("memory", args.quick)
   rows = []
   for name, (params, ranks, factor) in models(args.quick).items():
     rows.extend(measure_model(name, params, ranks, factor))
-  info = _common.machine_info()
-  command = _common.command_line()
-  _common.write_json(out / "memory.json", {"command": command, "machine": info, "rows": rows})
+  out = _harness.results_dir("memory", args.quick, args.out)
   table = markdown(rows)
-  (out / "memory.md").write_text(
-      f"Command: `{command}`\n\nMachine: {_common.machine_line(info)}\n\n{table}\n")
-  plot(rows, out / "memory.png")
+  _harness.write_report(out, "memory", {"rows": rows}, table)
+  plot(rows, _harness.figures_dir("memory", args.quick, args.out) / "memory.png")
   print(table)
   print(f"\nwrote {out} in {time.perf_counter() - start:.1f} s")
 

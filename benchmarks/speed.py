@@ -1,33 +1,32 @@
 """Time of Flora's update step and whole train step, as ratios to naive Adafactor, on CPU.
 
 Every timed function is jitted with its parameter and state buffers donated. The optimizers of
-one model are timed in interleaved rounds (one call of each per round, after warm-up calls), so
-a slow moment of a shared machine hits all of them alike; each reports the median over rounds,
-and ratios are taken between medians of the same run.
+one model are timed with ``_harness.time_interleaved``: interleaved rounds (one call of each
+per round, after warm-up calls), so a slow moment of a shared machine hits all of them alike;
+each reports the median over rounds with the interquartile range, and its ratio to the
+baseline is the median of the per-round ratios.
 
 * update step: ``tx.update`` + ``optax.apply_updates`` on fixed random gradients;
 * train step: forward + backward + update of the Shakespeare character model.
 
 Accumulating optimizers are timed per optimizer update, i.e. per 16 micro-steps (15 that only
-accumulate, one that also runs Adafactor).
+accumulate, one that also runs Adafactor), and compared with naive accumulation; the others with
+naive momentum.
 
-    python benchmarks/speed.py            # demo model and a mid-size (d 256, 4 layers, 3.2 M params) model
-    python benchmarks/speed.py --quick    # demo model, four optimizers, 5 rounds
+    python -m benchmarks.speed            # demo model and a mid-size (d 256, 4 layers, 3.2 M params) model
+    python -m benchmarks.speed --quick    # demo model, four optimizers, 5 rounds
 
-Writes ``benchmarks/results/speed/`` (``speed-quick/`` with --quick): speed.json, speed.md,
-speed.png.
+Writes speed.json and speed.md into ``benchmarks/results/speed/`` and speed.png into
+``docs/img/benchmarks/`` (``--quick``: all into ``benchmarks/results/speed-quick/``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
-import _common  # noqa: F401  (puts examples/ on sys.path)
 import flax.nnx as nnx
 import jax
 import matplotlib
@@ -35,14 +34,14 @@ import numpy as np
 import optax
 
 import flora_optax
+from benchmarks import _harness
+from examples import shakespeare_lm as lm
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import shakespeare_lm as lm  # noqa: E402
-
-ACCUMULATE_EVERY = 16
-KAPPA = 20  # the demo's default
+ACCUMULATE_EVERY = lm.ACCUMULATE_EVERY
+KAPPA = 20
 QUICK_OPTIMIZERS = ("naive momentum", "naive accumulation", "flora momentum r=16",
                     "flora accumulation r=16")  # r = d/4 of the demo model
 
@@ -91,34 +90,19 @@ def train_step_fn(tx: optax.GradientTransformation, graphdef) -> Callable:
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-class Timed:
-  """One optimizer's jitted step and its (donated, hence replaced) buffers."""
+class Stepper:
+  """One optimizer's jitted step and its (donated, hence replaced) buffers; a call runs one
+  optimizer update (``micro_steps`` calls of the step)."""
 
   def __init__(self, step, params, opt_state, inputs: list, micro_steps: int):
     self.step, self.params, self.opt_state = step, params, opt_state
     self.inputs, self.micro_steps = inputs, micro_steps
-    self.seconds: list[float] = []
 
-  def run_update(self) -> float:
-    start = time.perf_counter()
+  def __call__(self):
     for i in range(self.micro_steps):
       self.params, self.opt_state = self.step(self.params, self.opt_state,
                                               self.inputs[i % len(self.inputs)])
-    jax.block_until_ready((self.params, self.opt_state))
-    return time.perf_counter() - start
-
-
-def time_interleaved(timed: dict[str, Timed], warmup: int, rounds: int) -> dict[str, dict]:
-  for t in timed.values():
-    for _ in range(warmup):
-      t.run_update()
-  for _ in range(rounds):
-    for t in timed.values():
-      t.seconds.append(t.run_update())
-  return {name: {"median_ms": 1e3 * statistics.median(t.seconds),
-                 "min_ms": 1e3 * min(t.seconds), "rounds": len(t.seconds),
-                 "micro_steps_per_update": t.micro_steps}
-          for name, t in timed.items()}
+    return self.params, self.opt_state
 
 
 def measure_model(model_spec: Model, vocab_size: int, train_ids, warmup: int,
@@ -135,7 +119,7 @@ def measure_model(model_spec: Model, vocab_size: int, train_ids, warmup: int,
 
   results = {}
   for kind in ("update step", "train step"):
-    timed = {}
+    steppers = {}
     for name, (tx, k) in optimizers(rank, config.learning_rate).items():
       if quick and name not in QUICK_OPTIMIZERS:
         continue  # compilation dominates a smoke run: time only the four main optimizers
@@ -147,25 +131,23 @@ def measure_model(model_spec: Model, vocab_size: int, train_ids, warmup: int,
         step = train_step_fn(tx, graphdef)
         inputs = [w[:micro] for w in windows] if k > 1 else windows
       own_params = copy(params)
-      timed[name] = Timed(step, own_params, tx.init(own_params), inputs, k)
-    results[kind] = time_interleaved(timed, warmup, rounds)
+      steppers[name] = Stepper(step, own_params, tx.init(own_params), inputs, k)
+    timings = _harness.time_interleaved(steppers, rounds, warmup=warmup)
+    results[kind] = {}
+    for name, timing in timings.items():
+      k = steppers[name].micro_steps
+      baseline = "naive accumulation" if k > 1 else "naive momentum"
+      results[kind][name] = {**timing.summary(timings[baseline]), "ratio_to": baseline,
+                             "micro_steps_per_update": k}
   return {"model": model_spec.name, "num_params": int(num_params), "rank": rank,
           "config": dataclasses.asdict(config), "timings": results}
 
 
 def ratio_rows(measured: list[dict]) -> list[list[Any]]:
-  rows = []
-  for m in measured:
-    for kind, timings in m["timings"].items():
-      naive_momentum = timings["naive momentum"]["median_ms"]
-      naive_accumulation = timings["naive accumulation"]["median_ms"]
-      for name, t in timings.items():
-        baseline = naive_accumulation if t["micro_steps_per_update"] > 1 else naive_momentum
-        rows.append([m["model"], kind, name, f"{t['median_ms']:.2f}",
-                     f"{t['median_ms'] / baseline:.2f}",
-                     "naive accumulation" if t["micro_steps_per_update"] > 1
-                     else "naive momentum"])
-  return rows
+  return [[m["model"], kind, name, f"{t['ms']:.2f} ({t['ms_p25']:.2f}-{t['ms_p75']:.2f})",
+           f"{t['ratio']:.2f} ({t['ratio_p25']:.2f}-{t['ratio_p75']:.2f})", t["ratio_to"]]
+          for m in measured for kind, timings in m["timings"].items()
+          for name, t in timings.items()]
 
 
 def plot(measured: list[dict], path) -> None:
@@ -174,7 +156,7 @@ def plot(measured: list[dict], path) -> None:
     names = list(m["timings"]["update step"])
     x = np.arange(len(names))
     for offset, kind in ((-0.2, "update step"), (0.2, "train step")):
-      ax.bar(x + offset, [m["timings"][kind][n]["median_ms"] for n in names], 0.4, label=kind)
+      ax.bar(x + offset, [m["timings"][kind][n]["ms"] for n in names], 0.4, label=kind)
     ax.set_xticks(x, names, rotation=35, ha="right", fontsize=7)
     ax.set_ylabel("ms per optimizer update (median)")
     ax.set_title(f"{m['model']} ({m['num_params'] / 1e6:.2f} M params)")
@@ -185,9 +167,7 @@ def plot(measured: list[dict], path) -> None:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="demo model, four optimizers, 5 rounds")
+  parser = _harness.arg_parser(__doc__, "demo model, four optimizers, 5 rounds")
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--warmup", type=int, default=3)
   args = parser.parse_args()
@@ -201,19 +181,14 @@ def main() -> None:
                         lm.Config(d_model=256, num_layers=4, num_heads=8)))
   measured = [measure_model(m, vocab_size, train_ids, warmup, rounds, args.quick) for m in models]
 
-  out = _common.results_dir("speed", args.quick)
-  info = _common.machine_info()
-  command = _common.command_line()
-  _common.write_json(out / "speed.json", {"command": command, "machine": info,
-                                          "rounds": rounds, "warmup": warmup,
-                                          "results": measured})
-  table = _common.markdown_table(
-      ["model", "timed", "optimizer", "median ms / update", "ratio", "ratio to"],
+  out = _harness.results_dir("speed", args.quick, args.out)
+  table = _harness.markdown_table(
+      ["model", "timed", "optimizer", "median ms / update (IQR)", "ratio (IQR)", "ratio to"],
       ratio_rows(measured))
-  (out / "speed.md").write_text(f"Command: `{command}`\n\nMachine: {_common.machine_line(info)}"
-                                f"\n\n{table}\n")
-  plot(measured, out / "speed.png")
-  print(f"Machine: {_common.machine_line(info)}\n")
+  info = _harness.write_report(out, "speed", {"rounds": rounds, "warmup": warmup,
+                                              "results": measured}, table)
+  plot(measured, _harness.figures_dir("speed", args.quick, args.out) / "speed.png")
+  print(f"Machine: {_harness.machine_line(info)}\n")
   print(table)
   print(f"\nwrote {out} in {time.perf_counter() - start:.1f} s")
 

@@ -39,8 +39,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import shakespeare_lm as lm  # noqa: E402
 
-ACCUMULATE_EVERY = 16
-MOMENTUM = 0.9
+ACCUMULATE_EVERY = lm.ACCUMULATE_EVERY
+MOMENTUM = lm.MOMENTUM
 # Resample the momentum's projection every 100 steps: a 300-step run sees 3 projections. The
 # paper's 1000 would keep a short run in one rank-r subspace (like a frozen LoRA). Resampling
 # more often is not free either: each unbiased transfer adds noise of norm ~sqrt(d/rank) times

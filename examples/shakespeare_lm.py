@@ -1,5 +1,9 @@
 """A tiny character-level transformer on Shakespeare, shared by the demo and the benchmarks.
 
+The demo imports it as a sibling module (``python examples/shakespeare_demo.py``), the
+benchmarks as ``examples.shakespeare_lm`` (``python -m benchmarks.quality`` from the repository
+root).
+
 Three pieces, each usable on its own:
 
 * data: the plays shipped by the ``shakespeare`` package (module ``shksprdata``), as byte-level
@@ -26,7 +30,6 @@ from typing import Any
 
 import flax.nnx as nnx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -139,6 +142,9 @@ def next_char_loss(model: CharTransformer, window: jax.Array) -> jax.Array:
 # default, 128, would keep a full second moment for every 64-wide matrix of this tiny model,
 # unlike any real-size model; 32 keeps the demo's optimizer memory shaped like a real one's.
 MIN_DIM_TO_FACTOR = 32
+# The demo's momentum and accumulation length, which the benchmarks reuse.
+MOMENTUM = 0.9
+ACCUMULATE_EVERY = 16
 
 
 @dataclasses.dataclass(frozen=True)

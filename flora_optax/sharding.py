@@ -1,53 +1,45 @@
 """Shardings of an optimizer state, derived from the shardings of the parameters.
 
-A Flora buffer of a compressed leaf has the leaf's shape with its compressed side replaced by
-``rank`` (``(*batch, n, rank)`` or ``(*batch, rank, m)``), so it cannot simply reuse the
-parameter's sharding the way ``optax.ema``'s full-size buffer can. :func:`state_shardings`
-maps every leaf of any optimizer state (Flora transforms, ``optax`` chains, wrapped inner
-states such as Adafactor's factored ``v_row``/``v_col``) to a sharding derived from the
-sharding of the parameter it belongs to.
+A compressed buffer does not have its parameter's shape, so it cannot simply reuse the
+parameter's sharding the way ``optax.ema``'s full-size buffer can. Every compressed buffer
+carries its layout (which parameter axes each of its axes stands for), and
+:func:`state_shardings` reads it from there: nothing is guessed from shapes. Buffers of other
+transforms (``optax`` chains, Adafactor's factored ``v_row``/``v_col``) are matched with the
+parameter they belong to by their position in the state.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from flora_optax import _compression as comp
+from flora_optax import _buffers, _layout
 
 
-def state_shardings(
-    tx: Any,
-    params: Any,
-    param_shardings: Any,
-    *,
-    axes: Any = None,
-) -> Any:
+def state_shardings(tx: Any, params: Any, param_shardings: Any) -> Any:
   """Shardings for ``tx.init(params)``, derived from the shardings of ``params``.
 
   The state's shape is found with ``jax.eval_shape(tx.init, params)`` (nothing is
   allocated). Every sub-tree of the state with the structure of ``params`` (a Flora
   ``compressed_mu``/``compressed_acc``, an ``optax.ema`` buffer, Adafactor's ``v_row``,
-  ``v_col`` and ``v``, ...) is matched leaf by leaf with the parameters, and each buffer gets:
+  ``v_col`` and ``v``, ...) is matched leaf by leaf with the parameters, and each array gets:
 
-  * **the parameter's sharding** if it has the parameter's shape (uncompressed Flora buffers,
-    full-size buffers of other transforms);
-  * for a **Flora-compressed buffer** ``(*batch, n, rank)`` or ``(*batch, rank, m)``: the
-    parameter's partitioning on the batch axes and on the uncompressed side; the ``rank``
-    axis is replicated. A parameter sharded on its compressed side therefore has that axis
-    replicated in the buffer (it is only ``rank`` long). When a side groups several axes of
-    the parameter (``MatrixAxes(rows=0, cols=(1, 2))``) the group keeps the sharding of its
-    leading axis if only that one is sharded (axes of size 1 before it are ignored), and is
+  * for a **compressed buffer**: the parameter's partitioning on the axes its layout says
+    it keeps (batch axes, and the side the sketch does not compress); a sketch axis
+    (``rank``, ``k``, ``l``) is replicated. A parameter sharded on a compressed side
+    therefore has that axis replicated in the buffer. When a buffer axis stands for several
+    parameter axes (``MatrixAxes(rows=0, cols=(1, 2))``) it keeps the sharding of the leading
+    one if only that one is sharded (axes of size 1 before it are ignored), and is
     replicated otherwise;
-  * for a buffer with **one axis of the parameter removed** (Adafactor's factored second
-    moments): the parameter's partitioning without that axis;
+  * **the parameter's sharding** if it has the parameter's shape (uncompressed buffers,
+    full-size buffers of other transforms);
+  * for a buffer with **one axis of the parameter removed** (factored second moments): the
+    parameter's partitioning without that axis;
   * anything else (counters, PRNG key data, Adafactor's ``(1,)`` placeholders) is
-    **replicated**. A buffer of two or more axes that matches none of the rules is also
-    replicated, with a warning: pass the ``axes`` the transform was built with.
+    **replicated**, with a warning for an array of two or more axes.
 
   To keep a compressed buffer sharded, shard a parameter on the side that Flora does *not*
   compress (the larger side, with the default ``side="smaller"``).
@@ -61,7 +53,7 @@ def state_shardings(
     ...              "b": NamedSharding(mesh, P())}
     >>> tx = flora_optax.flora_momentum(rank=8)
     >>> specs = flora_optax.state_shardings(tx, params, shardings)
-    >>> specs.compressed_mu["w"].spec, specs.key_data.spec
+    >>> specs.compressed_mu["w"].parts["c"].spec, specs.key_data.spec
     (P('data', None), P())
     >>> state = jax.jit(tx.init, out_shardings=specs)(params)
 
@@ -71,8 +63,6 @@ def state_shardings(
       ``tx.init``.
     param_shardings: a tree like ``params`` of ``jax.sharding.NamedSharding`` (all on one
       mesh), or a single ``NamedSharding`` for every parameter.
-    axes: the ``axes`` option the Flora transforms in ``tx`` were built with (``None``:
-      their default view). Only needed for leaves with more than two axes.
 
   Returns:
     A tree with the structure of ``jax.eval_shape(tx.init, params)`` whose leaves are
@@ -81,79 +71,75 @@ def state_shardings(
     ``jax.ShapeDtypeStruct`` target of an orbax restore.
   """
   params_def = jax.tree.structure(params)
+  names = _layout.leaf_names(params)
   param_leaves = jax.tree.leaves(params)
-  if isinstance(param_shardings, jax.sharding.Sharding):
-    sharding_leaves = [param_shardings] * len(param_leaves)
-  else:
-    try:
-      sharding_leaves = params_def.flatten_up_to(param_shardings)
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-          f"param_shardings must be a single NamedSharding or a tree with the structure of "
-          f"params ({params_def}): {e}") from e
-  meshes = set()
-  for (path, _), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], sharding_leaves):
-    if not isinstance(s, NamedSharding):
-      raise TypeError(f"the sharding of {comp.path_str(path)} must be a "
-                      f"jax.sharding.NamedSharding, got {s!r}")
-    meshes.add(s.mesh)
-  if len(meshes) > 1:
-    raise ValueError(f"all parameter shardings must use one mesh, got {len(meshes)} meshes")
-  if not meshes:
-    raise ValueError("params has no leaves; there is nothing to derive shardings from")
-  mesh = meshes.pop()
+  sharding_leaves = _param_sharding_leaves(params_def, param_shardings, names)
+  mesh = sharding_leaves[0].mesh
   replicated = NamedSharding(mesh, PartitionSpec())
 
-  # The matrix view of every leaf, as the Flora transforms compute it with the same `axes`.
-  axes_leaves = comp._resolve_tree_option(  # pylint: disable=protected-access
-      axes, params, "axes", is_leaf=lambda x: isinstance(x, comp.MatrixAxes))
-  views = [_view_groups(comp.path_str(path), tuple(jax.numpy.shape(leaf)), leaf_axes)
-           for (path, leaf), leaf_axes in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                              axes_leaves)]
-
-  state_shape = jax.eval_shape(tx.init, params)
-
   def is_params_like(node):
-    return node is not None and jax.tree.structure(node) == params_def
+    if node is None or _buffers.is_compressed(node):
+      return False
+    try:
+      params_def.flatten_up_to(node)
+    except (ValueError, TypeError):
+      return False
+    # With a single parameter every leaf would match: ask for the same structure then.
+    return params_def.num_leaves > 1 or jax.tree.structure(
+        node, is_leaf=_buffers.is_compressed) == params_def
 
-  def shard_params_like(path, node):
+  def shard_buffer(path, name, leaf, sharding, buffer):
+    shape, spec = tuple(jax.numpy.shape(leaf)), _full_spec(sharding.spec, leaf)
+    if _buffers.is_compressed(buffer):
+      axes = buffer.sketch.buffer_axes(buffer.leaf)
+      return _buffers.Compressed(
+          {k: NamedSharding(mesh, PartitionSpec(*(None if group is None else
+                                                  _group_spec(shape, spec, group)
+                                                  for group in axes[k])),
+                            memory_kind=sharding.memory_kind)
+           for k in buffer.parts}, buffer.leaf, buffer.sketch, buffer.spec)
+
+    def plain(array):
+      rule = _plain_spec(shape, spec, tuple(array.shape))
+      if rule is None:
+        if len(array.shape) >= 2:
+          warnings.warn(f"state_shardings: a buffer of shape {tuple(array.shape)} at state"
+                        f"{jax.tree_util.keystr(tuple(path))} for {name} {shape} matches no "
+                        f"rule and is replicated", stacklevel=4)
+        return replicated
+      return sharding if rule == sharding.spec else NamedSharding(
+          mesh, rule, memory_kind=sharding.memory_kind)
+    return jax.tree.map(plain, buffer)
+
+  def shard_node(path, node):
     if not is_params_like(node):
       return jax.tree.map(lambda _: replicated, node)
-    buffers = params_def.flatten_up_to(node)
-    out = []
-    for leaf, buffer, sharding, view, (leaf_path, _) in zip(
-        param_leaves, buffers, sharding_leaves, views,
-        jax.tree_util.tree_flatten_with_path(params)[0]):
-      spec = _buffer_spec(tuple(jax.numpy.shape(leaf)), _full_spec(sharding.spec, leaf),
-                          tuple(buffer.shape), view)
-      if spec is None:
-        if len(buffer.shape) >= 2:
-          warnings.warn(
-              f"state_shardings: a buffer of shape {tuple(buffer.shape)} at state"
-              f"{jax.tree_util.keystr(tuple(path))} for {comp.path_str(leaf_path)} "
-              f"{tuple(jax.numpy.shape(leaf))} matches no rule and is replicated; pass the "
-              f"`axes` the Flora transforms were built with", stacklevel=3)
-        out.append(replicated)
-      elif spec == sharding.spec:
-        out.append(sharding)
-      else:
-        out.append(NamedSharding(mesh, spec, memory_kind=sharding.memory_kind))
-    return jax.tree.unflatten(params_def, out)
+    return jax.tree.unflatten(params_def, [
+        shard_buffer(path, *args) for args in zip(names, param_leaves, sharding_leaves,
+                                                  params_def.flatten_up_to(node))])
 
-  return jax.tree_util.tree_map_with_path(shard_params_like, state_shape,
+  return jax.tree_util.tree_map_with_path(shard_node, jax.eval_shape(tx.init, params),
                                           is_leaf=is_params_like)
 
 
-def _view_groups(name: str, shape: tuple[int, ...], axes) -> tuple | None:
-  """(batch, rows, cols) axis groups of a leaf's matrix view, or None for < 2 axes."""
-  ndim = len(shape)
-  if ndim < 2:
-    return None
-  comp._matrix_view(name, shape, axes)  # pylint: disable=protected-access  # validates
-  if axes is None:
-    axes = comp.MatrixAxes(rows=tuple(range(ndim - 1)), cols=ndim - 1)
-  return tuple(tuple(a % ndim for a in comp._as_tuple(getattr(axes, label)))  # pylint: disable=protected-access
-               for label in ("batch", "rows", "cols"))
+def _param_sharding_leaves(params_def, param_shardings, names) -> list[NamedSharding]:
+  if isinstance(param_shardings, jax.sharding.Sharding):
+    leaves = [param_shardings] * params_def.num_leaves
+  else:
+    try:
+      leaves = params_def.flatten_up_to(param_shardings)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"param_shardings must be a single NamedSharding or a tree with the "
+                       f"structure of params ({params_def}): {e}") from e
+  for name, s in zip(names, leaves):
+    if not isinstance(s, NamedSharding):
+      raise TypeError(f"the sharding of {name} must be a jax.sharding.NamedSharding, got {s!r}")
+  if not leaves:
+    raise ValueError("params has no leaves; there is nothing to derive shardings from")
+  if len({s.mesh for s in leaves}) > 1:
+    raise ValueError(f"all parameter shardings must use one mesh, got "
+                     f"{len({s.mesh for s in leaves})} meshes")
+  return leaves
 
 
 def _full_spec(spec: PartitionSpec, leaf) -> tuple:
@@ -181,25 +167,12 @@ def _group_spec(shape: tuple[int, ...], spec: tuple, group: tuple[int, ...]):
   return None
 
 
-def _buffer_spec(shape, spec, buffer_shape, view):
-  """PartitionSpec for one buffer of a parameter of `shape` sharded as `spec`, or None."""
+def _plain_spec(shape, spec, buffer_shape):
+  """PartitionSpec of an uncompressed buffer of a parameter of `shape` sharded as `spec`."""
   if buffer_shape == shape:
     return PartitionSpec(*spec)
   if buffer_shape == ():
     return PartitionSpec()
-  if view is not None:
-    batch, rows, cols = view
-    batch_shape = tuple(shape[a] for a in batch)
-    n, m = math.prod(shape[a] for a in rows), math.prod(shape[a] for a in cols)
-    nb = len(batch)
-    if len(buffer_shape) == nb + 2 and buffer_shape[:nb] == batch_shape:
-      batch_spec = tuple(spec[a] for a in batch)
-      if buffer_shape[nb:] == (n, buffer_shape[-1]) and buffer_shape[-1] < m:
-        # side "cols": (*batch, n, rank)
-        return PartitionSpec(*batch_spec, _group_spec(shape, spec, rows), None)
-      if buffer_shape[nb:] == (buffer_shape[nb], m) and buffer_shape[nb] < n:
-        # side "rows": (*batch, rank, m)
-        return PartitionSpec(*batch_spec, None, _group_spec(shape, spec, cols))
   if len(buffer_shape) == len(shape) - 1:
     for dropped in range(len(shape)):
       if shape[:dropped] + shape[dropped + 1:] == buffer_shape:

@@ -43,6 +43,11 @@ def side_of(view, side):
   return "cols" if smaller == "rows" else "rows"
 
 
+def buffer(x):
+  """The array of a buffer: a projection-compressed leaf's ``parts["c"]``, else the array."""
+  return x.parts["c"] if isinstance(x, flora_optax.Compressed) else x
+
+
 def run_transform(tx, grads, params):
   """Jitted ``tx.update`` over `grads` from ``tx.init(params)``: (outputs, final state)."""
   state = tx.init(params)

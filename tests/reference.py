@@ -1,4 +1,4 @@
-"""Plain float64 NumPy reference of Flora's Algorithms 1 and 2 (the spec in FLORA.md).
+"""Plain float64 NumPy reference of Flora's Algorithms 1 and 2 (docs/spec.md).
 
 Independent of the library except for the projection matrices themselves, which the tests
 regenerate with ``flora_optax.projections`` (they are random by design; everything done
@@ -29,16 +29,21 @@ class View:
     return np.transpose(x, np.argsort(self.perm))
 
 
+def _matrix(a):
+  """A projection as a float64 array (``flora_optax.projections`` gives ``{"a": A}``)."""
+  return np.asarray(a["a"] if isinstance(a, dict) else a, np.float64)
+
+
 def down(x, a, side):
   """x: (..., n, m); a: (..., r, d). cols: x aᵀ; rows: a x."""
-  a = np.asarray(a, np.float64)
+  a = _matrix(a)
   if side == "cols":
     return x @ np.swapaxes(a, -1, -2)
   return a @ x
 
 
 def up(c, a, side):
-  a = np.asarray(a, np.float64)
+  a = _matrix(a)
   if side == "cols":
     return c @ a
   return np.swapaxes(a, -1, -2) @ c
@@ -46,7 +51,7 @@ def up(c, a, side):
 
 def least_squares_fit(target, a, side):
   """The c minimising ‖up(c, a) − target‖ (per batch entry), by np.linalg.lstsq."""
-  a = np.asarray(a, np.float64)
+  a = _matrix(a)
   batch = target.shape[:-2]
   out = []
   for idx in np.ndindex(*batch) if batch else [()]:

@@ -10,7 +10,7 @@ import pytest
 
 import flora_optax
 from tests import reference
-from tests.conftest import AXES, RANK, SHAPES, VIEWS, random_tree, run_transform, side_of
+from tests.conftest import buffer, AXES, RANK, SHAPES, VIEWS, random_tree, run_transform, side_of
 
 
 def _projector(params, side, projection, transform="accumulate", seed=0):
@@ -77,13 +77,13 @@ def test_each_cycle_draws_a_new_projection(params):
   m0 = flora_optax.projections(params, RANK, 0, transform="momentum", axes=AXES)
   again = flora_optax.projections(params, RANK, 0, transform="accumulate", axes=AXES)
   for name in VIEWS:
-    assert not np.allclose(a0[name], a1[name])
-    assert not np.allclose(a0[name], m0[name])  # momentum and accumulation never share
-    np.testing.assert_array_equal(a0[name], again[name])
+    assert not np.allclose(a0[name]["a"], a1[name]["a"])
+    assert not np.allclose(a0[name]["a"], m0[name]["a"])  # momentum and accumulation never share
+    np.testing.assert_array_equal(a0[name]["a"], again[name]["a"])
   assert a0["bias"] is None
-  # The leaves of one cycle differ from each other too (keys folded with the leaf index).
+  # The leaves of one cycle differ from each other too (keys folded with the leaf's path).
   same_shape = flora_optax.projections({"a": jnp.zeros((8, 16)), "b": jnp.zeros((8, 16))}, 4, 0)
-  assert not np.allclose(same_shape["a"], same_shape["b"])
+  assert not np.allclose(same_shape["a"]["a"], same_shape["b"]["a"])
 
 
 @pytest.mark.parametrize("projection,noise", [
@@ -94,7 +94,7 @@ def test_each_cycle_draws_a_new_projection(params):
 def test_unbiased_at_the_one_over_sqrt_cycles_rate(projection, noise, rng):
   """Averaging one-cycle outputs over N fresh projections converges to G like 1/sqrt(N).
 
-  For one row g, E‖g AᵀA − g‖² = ‖g‖²·noise(d, r) (FLORA.md), so the mean of N independent
+  For one row g, E‖g AᵀA − g‖² = ‖g‖²·noise(d, r) (docs/spec.md), so the mean of N independent
   decompressions has relative error ≈ sqrt(noise / N).
   """
   n, d, r = 16, 48, 8
@@ -134,7 +134,7 @@ def test_skip_non_finite_micro_batch_leaves_state_unchanged(params, rng):
   # Without the guard, MultiSteps' behaviour: the NaN/inf reaches the accumulator, visibly.
   plain = flora_optax.flora_accumulate(optax.sgd(0.1), 3, RANK, axes=AXES)
   _, poisoned = jax.jit(plain.update)(bad, plain.init(params), params)
-  assert not np.all(np.isfinite(np.asarray(poisoned.compressed_acc["wide"])))
+  assert not np.all(np.isfinite(np.asarray(buffer(poisoned.compressed_acc["wide"]))))
 
 
 def test_inner_optimizer_only_runs_on_the_last_micro_step(params, rng):
@@ -170,7 +170,8 @@ class TestBadInput:
 
   @pytest.mark.parametrize("k", [0, -2])
   def test_every_k(self, k):
-    with pytest.raises(ValueError, match=f"every_k_schedule must be >= 1, got every_k_schedule={k}"):
+    with pytest.raises(ValueError, match=rf"every_k_schedule must be an int in \[1, 2\*\*31 - 1\], "
+                                         rf"got every_k_schedule={k}"):
       flora_optax.flora_accumulate(optax.sgd(1.0), k, 4)
 
   def test_every_k_type(self):
@@ -212,7 +213,7 @@ def test_compressed_mean_microbatching_matches_reference(rng):
   micro = optax.microbatching.microbatch(grad_fn, argnums=(1, 2), microbatch_size=2,
                                          accumulator=acc)
   got = jax.jit(micro)(w, x, y)
-  a = flora_optax.projections(w, RANK, 7, 2, transform="microbatch")["w"]
+  a = flora_optax.projections(w, RANK, 7, 2, transform="microbatch")["w"]["a"]
   view = reference.View((24, 40))
   per_micro = [grad_fn(w, x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]
   mean_c = np.mean([reference.down(view.to(g["w"]), a, "rows") for g in per_micro], axis=0)

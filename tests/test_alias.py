@@ -53,9 +53,9 @@ def test_uncompressed_after_param_scale_is_optax_adafactor_with_momentum(rng):
 def test_uncompressed_accumulation_is_multisteps(rng):
   params = _tree(rng)
   grads = [_tree(rng) for _ in range(8)]
-  ours, _ = _trajectory(flora_optax.flora_adafactor(
-      1e-2, 8, momentum=0.9, mask=False, momentum_position="after_param_scale",
-      accumulate_every=4), params, grads)
+  ours, _ = _trajectory(flora_optax.flora_accumulate(flora_optax.flora_adafactor(
+      1e-2, 8, momentum=0.9, mask=False, momentum_position="after_param_scale"), 4, 8,
+      mask=False), params, grads)
   theirs, _ = _trajectory(optax.MultiSteps(optax.adafactor(1e-2, momentum=0.9), 4), params,
                           grads)
   _assert_same(ours, theirs)
@@ -71,8 +71,10 @@ def test_trains_a_regression(position, accumulate_every, rank, target, rng):
   params = {"w": jnp.zeros((64, 160))}
   loss = lambda p: jnp.mean((x @ p["w"] - x @ true_w) ** 2)  # noqa: E731
   tx = flora_optax.flora_adafactor(3e-2, rank, momentum=0.9, kappa=10,
-                                   momentum_position=position, accumulate_every=accumulate_every,
+                                   momentum_position=position,
                                    multiply_by_parameter_scale=False, min_dim_size_to_factor=32)
+  if accumulate_every:
+    tx = flora_optax.flora_accumulate(tx, accumulate_every, rank)
   state = tx.init(params)
 
   @jax.jit
@@ -110,12 +112,23 @@ def test_inject_hyperparams_with_traced_learning_rate_and_momentum(rng):
 
 def test_accumulate_with_skip(rng):
   params = _tree(rng)
-  tx = flora_optax.flora_adafactor(1e-2, 8, accumulate_every=2,
-                                   should_skip_update_fn=optax.skip_not_finite)
+  tx = flora_optax.flora_accumulate(flora_optax.flora_adafactor(1e-2, 8), 2, 8,
+                                    should_skip_update_fn=optax.skip_not_finite)
   state = tx.init(params)
   bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), _tree(rng))
   _, state2 = tx.update(bad, state, params)
   assert int(state2.mini_step) == 0 and int(state2.skip_state["num_not_finite"]) > 0
+
+
+def test_accumulate_every_still_works_with_a_deprecation_warning(rng):
+  params = _tree(rng)
+  grads = [_tree(rng) for _ in range(4)]
+  with pytest.warns(DeprecationWarning, match="flora_accumulate"):
+    old = flora_optax.flora_adafactor(1e-2, 8, accumulate_every=2,
+                                      should_skip_update_fn=optax.skip_not_finite)
+  new = flora_optax.flora_accumulate(flora_optax.flora_adafactor(1e-2, 8), 2, 8,
+                                     should_skip_update_fn=optax.skip_not_finite)
+  _assert_same(_trajectory(old, params, grads)[0], _trajectory(new, params, grads)[0])
 
 
 def test_bad_options():
@@ -127,3 +140,5 @@ def test_bad_options():
     flora_optax.flora_adafactor(1e-2, 8, momentum=1.0)
   with pytest.raises(ValueError, match="rank=0"):
     flora_optax.flora_adafactor(1e-2, 0)
+  with pytest.raises(TypeError, match="unknown option"):
+    flora_optax.flora_adafactor(1e-2, 8, accumulate_rnak=4)

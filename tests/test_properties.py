@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 
 import flora_optax
-from flora_optax import _compression as comp
+from flora_optax import _buffers, _options, _sketches
 from tests import reference
 
 SETTINGS = settings(max_examples=25, deadline=None,
@@ -40,23 +40,23 @@ def test_down_and_up_match_numpy_on_any_view(spec, rank, seed):
             "larger": "cols" if view.n < view.m else "rows"}.get(side, side)
   d = view.m if chosen == "cols" else view.n
   axes = flora_optax.MatrixAxes(rows=rows, cols=cols, batch=batch)
-  compressor = comp.Compressor(rank=rank, domain=comp.DOMAIN_MOMENTUM, axes=axes, side=side,
-                               projection=projection)
+  options = _options.Compression(rank=rank, axes=axes, side=side, projection=projection)
   leaf = jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-  (plan,) = compressor.plan(leaf)
+  node = _buffers.init(leaf, options)
   if rank >= d:
-    assert not plan.compressed and plan.state_shape == shape
+    assert not _buffers.is_compressed(node) and node.shape == shape
     return
-  assert plan.compressed and plan.side == chosen
+  assert _buffers.is_compressed(node) and node.leaf.side == chosen
   expected_state = view.batch_shape + ((view.n, rank) if chosen == "cols" else (rank, view.m))
-  assert plan.state_shape == expected_state
-  assert math.prod(plan.state_shape) < math.prod(shape)
-  a = compressor.projection_matrix(compressor.base_key_data(seed), plan, 3)
+  assert node.parts["c"].shape == expected_state
+  assert math.prod(expected_state) < math.prod(shape)
+  draws = node.sketch.draw(jax.random.key(seed), node.leaf)
+  a = draws["a"]
   assert a.shape == view.batch_shape + (rank, d)
-  c = compressor.down(leaf, a, plan)
+  c = node.sketch.compress(leaf, draws, node.leaf)["c"]
   ref_c = reference.down(view.to(leaf), a, chosen)
   np.testing.assert_allclose(c, ref_c, rtol=1e-4, atol=1e-4)
-  back = compressor.up(c, a, plan)
+  back = node.sketch.decompress({"c": c}, draws, node.leaf)
   assert back.shape == shape
   np.testing.assert_allclose(back, view.back(reference.up(ref_c, a, chosen)), rtol=1e-4,
                              atol=1e-4)
@@ -64,17 +64,17 @@ def test_down_and_up_match_numpy_on_any_view(spec, rank, seed):
 
 @SETTINGS
 @given(st.integers(2, 40), st.integers(1, 39), st.sampled_from(["gaussian", "rademacher",
-                                                                  "orthogonal"]))
+                                                                  "orthogonal", "dct"]))
 def test_projection_is_isotropic_in_expectation(d, rank, kind):
   """Mean of AᵀA over many draws is I (each entry within a few standard errors)."""
   rank = min(rank, d)
   keys = jax.random.split(jax.random.key(d * 100 + rank), 400)
-  mats = jax.vmap(lambda k: comp.make_projection(k, (rank, d), kind, jnp.float32))(keys)
+  mats = jax.vmap(lambda k: _sketches.make_projection(k, (rank, d), kind, jnp.float32))(keys)
   gram = np.asarray(jnp.einsum("brd,bre->bde", mats, mats), np.float64)
   mean = gram.mean(axis=0)
   stderr = gram.std(axis=0) / np.sqrt(len(keys)) + 1e-6
   assert np.all(np.abs(mean - np.eye(d)) < 6 * stderr + 1e-5)
-  if kind == "orthogonal":
+  if kind in ("orthogonal", "dct"):
     # A Aᵀ = (d/r) I exactly: orthonormal rows scaled by sqrt(d/r).
     np.testing.assert_allclose(np.asarray(mats[0] @ mats[0].T), d / rank * np.eye(rank),
                                atol=1e-4 * d)
@@ -94,22 +94,26 @@ def test_state_bytes_account_for_every_leaf(shapes, rank):
 
 
 def test_batched_generation_is_bit_identical_to_one_leaf_at_a_time():
+  """The transforms draw same-shape sketches of several leaves under one vmap; each must be
+  the matrix `projections` draws for that leaf alone."""
   params = {"a": jnp.zeros((24, 40)), "b": jnp.zeros((24, 40)), "c": jnp.zeros((40, 24)),
             "d": jnp.zeros((3, 12, 20)), "v": jnp.zeros(5)}
   axes = {"a": None, "b": None, "c": None, "v": None,
           "d": flora_optax.MatrixAxes(rows=1, cols=2, batch=0)}
-  for kind in ("gaussian", "orthogonal", "rademacher"):
-    compressor = comp.Compressor(rank=4, domain=comp.DOMAIN_MOMENTUM, axes=axes,
-                                 projection=kind)
-    plans = compressor.plan(params)
-    key_data = compressor.base_key_data(11)
-    batched = jax.jit(lambda c: compressor.projection_matrices(key_data, plans, c))(5)
-    for plan, mat in zip(plans, batched):
-      if not plan.compressed:
-        assert mat is None
+  cases = [dict(projection=k) for k in ("gaussian", "orthogonal", "rademacher", "dct")]
+  for options in cases + [dict(sketch="two_sided")]:
+    compression = _options.Compression(rank=4, axes=axes, **options)
+    buffers = _buffers.init(params, compression)
+    key_data = _options.base_key_data(11, _options.DOMAIN_MOMENTUM, "threefry2x32")
+    batched = jax.jit(lambda c: {k: getattr(v, "arrays", None) for k, v in _buffers.draw(
+        buffers, key_data, c, "threefry2x32").items()})(5)
+    alone = flora_optax.projections(params, 4, 5, 11, axes=axes, **options)
+    for name in params:
+      if alone[name] is None:
+        assert not _buffers.is_compressed(buffers[name])
         continue
-      alone = jax.jit(lambda c, plan=plan: compressor.projection_matrix(key_data, plan, c))(5)
-      if kind == "orthogonal":  # batched and single QR may round differently in the last bit
-        np.testing.assert_allclose(mat, alone, rtol=1e-5, atol=1e-6)
-      else:
-        np.testing.assert_array_equal(mat, alone)
+      for part, mat in batched[name].items():
+        if options.get("projection") == "orthogonal":  # a batched QR may round differently
+          np.testing.assert_allclose(mat, alone[name][part], rtol=1e-5, atol=1e-6)
+        else:
+          np.testing.assert_array_equal(mat, alone[name][part], err_msg=f"{options} {name}")

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flora_optax
+from tests.conftest import buffer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RANK = 4
@@ -59,25 +60,26 @@ COMPRESSED_SPECS = {"tall": P("data", None), "wide": P(None, None), "bias": P("m
 
 
 def specs_of(tree):
-  return jax.tree.map(lambda s: s.spec, tree)
+  return {k: buffer(v).spec for k, v in tree.items()}
 
 
 def test_momentum_buffers_follow_the_uncompressed_side(mesh):
   tx = flora_optax.flora_momentum(RANK, axes=AXES)
-  shardings = flora_optax.state_shardings(tx, PARAMS, named(mesh, SPECS), axes=AXES)
+  shardings = flora_optax.state_shardings(tx, PARAMS, named(mesh, SPECS))
   state = jax.eval_shape(tx.init, PARAMS)
   assert jax.tree.structure(shardings) == jax.tree.structure(state)
   assert specs_of(shardings.compressed_mu) == COMPRESSED_SPECS
   assert shardings.count.spec == P() and shardings.key_data.spec == P()
   # Sanity: the buffers really are the compressed shapes the specs were written for.
-  assert state.compressed_mu["qkv"].shape == (RANK, 32)
-  assert state.compressed_mu["stack"].shape == (3, 32, RANK)
+  assert buffer(state.compressed_mu["qkv"]).shape == (RANK, 32)
+  assert buffer(state.compressed_mu["stack"]).shape == (3, 32, RANK)
 
 
 def test_accumulate_and_wrapped_adafactor_state(mesh):
-  tx = flora_optax.flora_adafactor(1e-2, RANK, accumulate_every=2, axes=AXES,
-                                   min_dim_size_to_factor=8)
-  shardings = flora_optax.state_shardings(tx, PARAMS, named(mesh, SPECS), axes=AXES)
+  tx = flora_optax.flora_accumulate(
+      flora_optax.flora_adafactor(1e-2, RANK, axes=AXES, min_dim_size_to_factor=8), 2, RANK,
+      axes=AXES)
+  shardings = flora_optax.state_shardings(tx, PARAMS, named(mesh, SPECS))
   assert jax.tree.structure(shardings) == jax.tree.structure(jax.eval_shape(tx.init, PARAMS))
   assert specs_of(shardings.compressed_acc) == COMPRESSED_SPECS
   factored, momentum = shardings.inner_opt_state[0], shardings.inner_opt_state[1]
@@ -102,23 +104,32 @@ def test_single_sharding_for_every_param_and_jitted_init(mesh):
   params = {"w": jnp.ones((32, 16)), "b": jnp.ones((16,))}
   tx = flora_optax.flora_momentum(RANK)
   shardings = flora_optax.state_shardings(tx, params, NamedSharding(mesh, P("data")))
-  assert shardings.compressed_mu["w"].spec == P("data", None)
+  assert buffer(shardings.compressed_mu["w"]).spec == P("data", None)
   assert shardings.compressed_mu["b"].spec == P("data")
   state = jax.jit(tx.init, out_shardings=shardings)(params)
-  assert state.compressed_mu["w"].sharding == shardings.compressed_mu["w"]
+  assert buffer(state.compressed_mu["w"]).sharding == buffer(shardings.compressed_mu["w"])
 
 
-def test_without_axes_a_batched_buffer_is_replicated_with_a_warning(mesh):
+def test_the_layout_comes_from_the_state_not_from_shapes(mesh):
+  """A (3, 32, 16) stack viewed as a batch of matrices: the transform's own `axes` decide the
+  buffer's layout; state_shardings needs no second copy of them and warns about nothing."""
   params = {"stack": PARAMS["stack"]}
   tx = flora_optax.flora_momentum(RANK, axes={"stack": AXES["stack"]})
-  with pytest.warns(UserWarning, match=r"params\['stack'\] \(3, 32, 16\).*axes"):
-    shardings = flora_optax.state_shardings(tx, params, named(mesh, {"stack": SPECS["stack"]}))
-  assert shardings.compressed_mu["stack"].spec == P()
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    shardings = flora_optax.state_shardings(tx, params, named(mesh, {"stack": SPECS["stack"]}),
-                                            axes={"stack": AXES["stack"]})
-  assert shardings.compressed_mu["stack"].spec == P(None, "data", None)
+    shardings = flora_optax.state_shardings(tx, params, named(mesh, {"stack": SPECS["stack"]}))
+  assert buffer(shardings.compressed_mu["stack"]).spec == P(None, "data", None)
+
+
+def test_two_sided_buffers_keep_each_sides_sharding(mesh):
+  """Range sketch (N, k) keeps the long side's sharding, co-range (l, M) the short side's."""
+  params = {"tall": jnp.zeros((64, 32)), "wide": jnp.zeros((32, 64))}
+  specs = {"tall": P("data", "model"), "wide": P("data", "model")}
+  tx = flora_optax.flora_momentum(8, sketch="two_sided")
+  shardings = flora_optax.state_shardings(tx, params, named(mesh, specs))
+  tall, wide = shardings.compressed_mu["tall"].parts, shardings.compressed_mu["wide"].parts
+  assert (tall["range"].spec, tall["corange"].spec) == (P("data", None), P(None, "model"))
+  assert (wide["range"].spec, wide["corange"].spec) == (P("model", None), P(None, "data"))
 
 
 def test_rejects_shardings_that_are_not_named():

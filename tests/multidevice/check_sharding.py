@@ -61,9 +61,9 @@ def meshes():
 def make_tx():
   # Momentum (resampled every 2 updates), factored second moments and compressed
   # accumulation over 2 micro-steps: every kind of Flora buffer in one state.
-  return flora_optax.flora_adafactor(
+  return flora_optax.flora_accumulate(flora_optax.flora_adafactor(
       learning_rate=1e-2, rank=RANK, momentum=0.9, kappa=2, min_dim_size_to_factor=16,
-      accumulate_every=2, axes=axes_fn)
+      axes=axes_fn), 2, RANK, axes=axes_fn)
 
 
 def loss_fn(params, x):
@@ -134,7 +134,7 @@ def main():
   results = {"control_allgathers": None}
   for name, (mesh, specs) in meshes().items():
     p_shard = {k: NamedSharding(mesh, v) for k, v in specs.items()}
-    s_shard = flora_optax.state_shardings(tx, params0, p_shard, axes=axes_fn)
+    s_shard = flora_optax.state_shardings(tx, params0, p_shard)
     sharded_step = jax.jit(lambda g, s, p: opt_step(tx, g, s, p),
                            in_shardings=(p_shard, s_shard, p_shard),
                            out_shardings=(p_shard, s_shard))
@@ -156,6 +156,7 @@ def main():
     buffers = {}
     for kind, tree in (("accumulator", acc), ("momentum", momentum.compressed_mu)):
       for leaf_name, buf in tree.items():
+        buf = buf.parts["c"] if isinstance(buf, flora_optax.Compressed) else buf
         buffers[f"{kind}/{leaf_name}"] = {
             "shape": list(buf.shape),
             "spec": [list(e) if isinstance(e, tuple) else e for e in buf.sharding.spec],
@@ -178,11 +179,12 @@ def main():
     for projection, make in makers.items():
       out_specs = {"tall": P(None, mesh.axis_names[-1]), "wide": P(mesh.axis_names[0], None),
                    "stack": P(None, None, mesh.axis_names[-1])}
-      sharded = jax.jit(make, out_shardings={k: NamedSharding(mesh, v)
+      sharded = jax.jit(make, out_shardings={k: {"a": NamedSharding(mesh, v)}
                                              for k, v in out_specs.items()})()
       equal[projection] = all(
-          bool(np.array_equal(np.asarray(unsharded[projection][k]), np.asarray(sharded[k])))
-          and not sharded[k].sharding.is_fully_replicated for k in structs)
+          bool(np.array_equal(np.asarray(unsharded[projection][k]["a"]),
+                              np.asarray(sharded[k]["a"])))
+          and not sharded[k]["a"].sharding.is_fully_replicated for k in structs)
     results[name]["projections_equal"] = equal
     log(f"{name} rest")
 

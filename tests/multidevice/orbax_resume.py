@@ -45,9 +45,13 @@ CONFIGS = {
         1e-2, rank=4, momentum=0.9, kappa=4, min_dim_size_to_factor=8, axes=AXES), 6, 11),
     # Accumulation over 3 micro-steps, saved after micro-step 7 (one micro-gradient in the
     # compressed accumulator); its inner momentum is resampled every 2 updates.
-    "accumulate": (lambda: flora_optax.flora_adafactor(
-        1e-2, rank=4, momentum=0.9, kappa=2, min_dim_size_to_factor=8, axes=AXES,
-        accumulate_every=3), 7, 13),
+    "accumulate": (lambda: flora_optax.flora_accumulate(flora_optax.flora_adafactor(
+        1e-2, rank=4, momentum=0.9, kappa=2, min_dim_size_to_factor=8, axes=AXES), 3, 4,
+        axes=AXES), 7, 13),
+    # AdamW whose first moment is a two-sided sketch, resampled every 4 steps (at 8, after
+    # the restore at 6): the re-sketch through the reconstruction's factors must resume too.
+    "adamw_two_sided": (lambda: flora_optax.flora_adamw(
+        1e-2, rank=4, kappa=4, sketch="two_sided", axes=AXES), 6, 11),
 }
 
 
@@ -111,8 +115,7 @@ def restore_and_continue(ckpt_root, devices):
       mesh = Mesh(np.array(jax.devices()), ("data",))
       param_shardings = {k: NamedSharding(mesh, v) for k, v in FSDP_SPECS.items()}
       shardings = {"params": param_shardings,
-                   "opt_state": flora_optax.state_shardings(tx, params, param_shardings,
-                                                            axes=AXES)}
+                   "opt_state": flora_optax.state_shardings(tx, params, param_shardings)}
       abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
@@ -122,7 +125,9 @@ def restore_and_continue(ckpt_root, devices):
       is_momentum = lambda x: isinstance(x, flora_optax.FloraMomentumState)  # noqa: E731
       momentum = next(s for s in jax.tree.leaves(restored["opt_state"], is_leaf=is_momentum)
                       if is_momentum(s))
-      spec = momentum.compressed_mu["stack"].sharding.spec
+      # (the projection's "c", or the two-sided sketch's range sketch: both keep the rows)
+      parts = momentum.compressed_mu["stack"].parts
+      spec = parts["c" if "c" in parts else "range"].sharding.spec
       results[f"{name}/stack_spec"] = np.asarray(str(spec))
     _, opt_state, trajectory = run(make_step(tx), restored["params"], restored["opt_state"],
                                    save_at, total)

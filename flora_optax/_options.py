@@ -1,0 +1,234 @@
+"""Compression options, their defaults and their validation, written once; PRNG keys.
+
+Every public transform takes the compression keywords of :class:`Compression` as
+``**compression`` and builds one ``Compression`` from them, so a default or a check lives here
+only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flora_optax import _layout
+
+SKETCHES = ("projection", "two_sided")
+PROJECTIONS = ("gaussian", "orthogonal", "rademacher", "dct")
+SIDES = ("smaller", "larger", "rows", "cols")
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+STORAGE_DTYPES = ("float32", "bfloat16", "float64")
+
+# Domain tags folded into the base key, so that the transforms of one chain built with the
+# same seed (flora_momentum inside flora_accumulate) never draw the same random numbers.
+DOMAIN_MOMENTUM = 1
+DOMAIN_ACCUMULATE = 2
+DOMAIN_MICROBATCH = 3
+# Folded in where a leaf's key id would go, to draw stochastic-rounding bits; key ids are
+# below 2**31 (`_layout.key_id`), so no leaf's projection key can equal a rounding key.
+ROUNDING_TAG = 2**32 - 1
+_INT32_MAX = 2**31 - 1
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _traced_hint(name) -> str:
+  return (f"{name} must be a static Python int, got a traced array; with "
+          f"optax.inject_hyperparams pass static_args=({name!r}, ...)")
+
+
+def check_rank(rank) -> int:
+  return check_count(rank, "rank")
+
+
+def check_count(value, name: str, allow_traced: bool = False):
+  """A positive int below 2**31 (a concrete 0-d integer array is accepted too); a traced one
+  is passed through where `allow_traced` (``inject_hyperparams`` without ``static_args``)."""
+  if isinstance(value, jax.core.Tracer):
+    if allow_traced:
+      return value
+    raise TypeError(_traced_hint(name))
+  if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0 and jnp.issubdtype(
+      value.dtype, jnp.integer):
+    value = int(value)
+  if not _is_int(value):
+    raise TypeError(f"{name} must be an int in [1, 2**31 - 1], got {name}={value!r} "
+                    f"({type(value).__name__})")
+  if not 1 <= value <= _INT32_MAX:
+    raise ValueError(f"{name} must be an int in [1, 2**31 - 1], got {name}={value!r}")
+  return int(value)
+
+
+def check_kappa(kappa):
+  """``None``, a positive int below 2**31, or a traced integer (``inject_hyperparams``)."""
+  return None if kappa is None else check_count(kappa, "kappa", allow_traced=True)
+
+
+def check_seed(seed) -> int:
+  """An int in [0, 2**64); a traced integer passes (``inject_hyperparams`` traces every
+  numeric argument it is not told is static; the key is then made inside the trace)."""
+  if isinstance(seed, jax.core.Tracer):
+    if not jnp.issubdtype(seed.dtype, jnp.integer) or seed.ndim:
+      raise TypeError(f"seed must be an integer scalar, got a traced {seed.dtype}{seed.shape}")
+    return seed
+  if isinstance(seed, (jax.Array, np.ndarray)) and seed.ndim == 0 and jnp.issubdtype(
+      seed.dtype, jnp.integer):
+    seed = int(seed)
+  if not _is_int(seed):
+    raise TypeError(f"seed must be an int in [0, 2**64), got seed={seed!r} "
+                    f"({type(seed).__name__})")
+  if not 0 <= seed < 2**64:
+    raise ValueError(f"seed must be an int in [0, 2**64), got seed={seed!r}")
+  return int(seed)
+
+
+def check_decay(decay, name="decay"):
+  """A float in [0, 1) (or a traced scalar under ``inject_hyperparams``)."""
+  if isinstance(decay, jax.core.Tracer):
+    return decay
+  if isinstance(decay, (str, bytes)) or callable(decay):
+    raise TypeError(f"{name} must be a float in [0, 1), got {name}={decay!r}; schedules are "
+                    f"not supported (use optax.inject_hyperparams to change it over time)")
+  try:
+    value = float(decay)
+  except (TypeError, ValueError):
+    raise TypeError(f"{name} must be a float in [0, 1), got {name}={decay!r}") from None
+  if not 0.0 <= value < 1.0:
+    raise ValueError(f"{name} must be in [0, 1), got {name}={value}")
+  return decay
+
+
+def check_choice(value, choices, name):
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {name}={value!r}")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Compression:
+  """How every compressed buffer of a transform is stored. Defaults live here only.
+
+  Attributes:
+    rank: the memory of a compressed leaf is about ``rank × max(n, m)`` numbers for every
+      sketch (static int).
+    sketch: ``"projection"`` (the paper's one-sided random projection) or ``"two_sided"``
+      (a range and a co-range sketch, reconstructed as a rank-``k`` approximation).
+    projection: kind of one-sided projection: ``"gaussian"`` (the paper's),
+      ``"orthogonal"`` (Haar rows by a QR), ``"dct"`` (orthogonal rows without a QR: random
+      signs, a DCT, random rows) or ``"rademacher"``.
+    mask: which leaves to compress: ``None`` (every real floating leaf with at least 2 axes
+      whose buffer would shrink), a pytree (prefix) of bools, or a callable ``params -> tree``.
+    axes: how leaves are viewed as matrices: ``None`` (2-D as is; more axes: all but the last
+      are rows), a :class:`MatrixAxes`, a pytree (prefix) of them, or a callable.
+    side: side a projection compresses: ``"smaller"``, ``"larger"``, ``"rows"``, ``"cols"``.
+    dtype: storage dtype of the buffers: ``"float32"``, ``"bfloat16"`` (rounded
+      stochastically) or ``"float64"`` (with ``jax_enable_x64``). Arithmetic runs in float32
+      at least.
+    precision: ``jax.lax.Precision`` of the sketch matmuls (``None``: JAX's default).
+    prng_impl: ``"threefry2x32"`` (same numbers under any sharding) or ``"rbg"`` /
+      ``"unsafe_rbg"`` (faster; numbers may change with sharding).
+  """
+
+  rank: int
+  sketch: str = "projection"
+  projection: str = "gaussian"
+  mask: Any = None
+  axes: Any = None
+  side: str = "smaller"
+  dtype: Any = "float32"
+  precision: Any = None
+  prng_impl: str = "threefry2x32"
+
+  def __post_init__(self):
+    object.__setattr__(self, "rank", check_rank(self.rank))
+    check_choice(self.sketch, SKETCHES, "sketch")
+    check_choice(self.projection, PROJECTIONS, "projection")
+    check_choice(self.side, SIDES, "side")
+    check_choice(self.prng_impl, PRNG_IMPLS, "prng_impl")
+    if self.sketch == "two_sided" and (self.projection, self.side) != ("gaussian", "smaller"):
+      raise ValueError(f"projection={self.projection!r} and side={self.side!r} apply to "
+                       f"sketch='projection' only; the two-sided sketch draws Gaussian sketches "
+                       f"of both sides")
+    if self.dtype is None or str(jnp.dtype(self.dtype)) not in STORAGE_DTYPES:
+      raise ValueError(
+          f"dtype must be one of {STORAGE_DTYPES}, got dtype={self.dtype!r} (float16 is refused: "
+          f"a float16 EMA stalls short of its target)")
+    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+    if self.dtype == jnp.float64 and not jax.config.jax_enable_x64:
+      raise ValueError("dtype='float64' needs jax.config.update('jax_enable_x64', True)")
+    if self.precision is not None:
+      try:
+        object.__setattr__(self, "precision", jax.lax.Precision(self.precision))
+      except (ValueError, KeyError, TypeError):
+        raise ValueError(f"precision must be None or a jax.lax.Precision, got "
+                         f"precision={self.precision!r}") from None
+    if not (self.axes is None or callable(self.axes) or isinstance(self.axes, _layout.MatrixAxes)
+            or isinstance(self.axes, (dict, list, tuple))):
+      raise TypeError(f"axes must be None, a MatrixAxes, a pytree of them or a callable, got "
+                      f"{self.axes!r}")
+
+  @property
+  def compute_dtype(self):
+    """Sketches and arithmetic run in at least float32, whatever the storage dtype."""
+    return jnp.promote_types(self.dtype, jnp.float32)
+
+  def static(self) -> tuple[tuple[str, Any], ...]:
+    """The options that shape a buffer, as (name, value) pairs with a stable repr."""
+    return (("rank", self.rank), ("sketch", self.sketch), ("projection", self.projection),
+            ("side", self.side), ("dtype", str(self.dtype)), ("precision", str(self.precision)),
+            ("prng_impl", self.prng_impl))
+
+
+def var_keywords(kwargs: dict, name: str) -> dict:
+  """``**kwargs`` of a public function, unwrapped where ``optax.inject_hyperparams`` (which
+  binds the signature) passed them on as one keyword named after the parameter."""
+  if name in kwargs and isinstance(kwargs[name], dict):
+    kwargs = dict(kwargs)
+    kwargs.update(kwargs.pop(name))
+  return kwargs
+
+
+def compression_from(kwargs: dict, rank) -> Compression:
+  """``Compression(rank, **kwargs)`` with an error naming the unknown keyword."""
+  kwargs = var_keywords(kwargs, "compression")
+  known = {f.name for f in dataclasses.fields(Compression)} - {"rank"}
+  unknown = sorted(set(kwargs) - known)
+  if unknown:
+    raise TypeError(f"unknown option(s) {unknown}; the compression options are {sorted(known)}")
+  return Compression(rank=rank, **kwargs)
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def base_key_data(seed: int, domain: int, prng_impl: str) -> jax.Array:
+  """Raw data of the base key of a transform, a fresh array on every call (so donating one
+  state never deletes another's). Seeds up to 2**64 are folded in as two 32-bit words."""
+  seed = check_seed(seed)
+  if isinstance(seed, jax.core.Tracer):  # a traced int32: its high word is 0
+    low, high = seed, np.uint32(0)
+  else:
+    low, high = seed & 0xFFFFFFFF, np.uint32(seed >> 32)
+  key = jax.random.key(low, impl=prng_impl)
+  key = jax.random.fold_in(jax.random.fold_in(key, high), domain)
+  return jax.random.key_data(key)
+
+
+def leaf_key(key_data, prng_impl: str, leaf_id, cycle):
+  key = jax.random.wrap_key_data(key_data, impl=prng_impl)
+  return jax.random.fold_in(jax.random.fold_in(key, leaf_id), cycle)
+
+
+def rounding_key(key_data, prng_impl: str, name: str, steps):
+  key = jax.random.wrap_key_data(key_data, impl=prng_impl)
+  key = jax.random.fold_in(jax.random.fold_in(key, np.uint32(ROUNDING_TAG)),
+                           np.uint32(_layout.key_id(name)))
+  for step in steps:
+    key = jax.random.fold_in(key, step)
+  return key

@@ -1,0 +1,272 @@
+"""Compression methods: how one leaf's matrix is stored small, and recovered.
+
+A method implements :class:`Sketch` once; the transforms (momentum, accumulation,
+microbatching) are written against this interface only. All maps are linear in the leaf, so a
+running mean or an EMA of compressed values is the compressed running mean or EMA, as
+Algorithms 1 and 2 need. The random matrices are regenerated from a key and never stored.
+
+* :class:`RandomProjection` (the paper): ``C = X Aᵀ`` (or ``A X``), ``X̂ = C A`` with
+  ``E[AᵀA] = I``; unbiased, with noise of about ``(d/r)·‖X‖²``.
+* :class:`TwoSided` (Tropp, Yurtsever, Udell and Cevher, 2017): a range sketch ``Y = X Ωᵀ``
+  and a co-range sketch ``W = Ψ X``; ``X̂ = Q (ΨQ)⁺ W`` with ``Q = orth(Y)`` is exact for
+  ``rank(X) ≤ k`` and close to the best rank-``k`` approximation otherwise (biased: a
+  truncation). See ``docs/spec.md``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg
+
+from flora_optax._layout import LeafLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class Sketch(abc.ABC):
+  """The interface of a compression method (one instance per set of options)."""
+
+  rank: int
+  projection: str
+  compute_dtype: Any
+  precision: Any
+
+  @abc.abstractmethod
+  def fits(self, n: int, m: int, side: str) -> tuple[bool, str]:
+    """Whether a ``rank`` buffer of an ``n × m`` matrix is smaller than it (and why not)."""
+
+  @abc.abstractmethod
+  def buffer_shapes(self, leaf: LeafLayout) -> dict[str, tuple[int, ...]]:
+    """Shapes of the arrays that hold one compressed leaf."""
+
+  @abc.abstractmethod
+  def buffer_axes(self, leaf: LeafLayout) -> dict[str, tuple]:
+    """For each buffer axis, the group of leaf axes it stands for (``None``: a sketch axis)."""
+
+  @abc.abstractmethod
+  def draw_shapes(self, leaf: LeafLayout) -> dict[str, tuple[int, ...]]:
+    """Shapes of the random matrices of a leaf (leaves with equal ones are drawn together)."""
+
+  @abc.abstractmethod
+  def draw(self, key, leaf: LeafLayout) -> dict[str, jax.Array]:
+    """The random matrices of a leaf for one key (one cycle)."""
+
+  @abc.abstractmethod
+  def compress(self, x, draws, leaf: LeafLayout) -> dict[str, jax.Array]:
+    """A full-size leaf to its buffers (linear in `x`)."""
+
+  @abc.abstractmethod
+  def decompress(self, parts, draws, leaf: LeafLayout, residual=None) -> jax.Array:
+    """Buffers to a full-size leaf; with `residual`, add its part outside the subspace."""
+
+  @abc.abstractmethod
+  def transfer(self, parts, old, new, leaf: LeafLayout, how) -> dict[str, jax.Array]:
+    """Buffers drawn with `old` re-expressed with `new` (a resample), never a full matrix."""
+
+  def _mm(self, spec, a, b):
+    return jnp.einsum(spec, a, b, precision=self.precision,
+                      preferred_element_type=self.compute_dtype)
+
+
+class RandomProjection(Sketch):
+  """The paper's one-sided projection ``A`` of shape ``(*batch, rank, d)``."""
+
+  def fits(self, n, m, side):
+    d = m if side == "cols" else n
+    return self.rank < d, f"its compressed side ({side}) has size {d}"
+
+  def buffer_shapes(self, leaf):
+    if leaf.side == "cols":
+      return {"c": leaf.batch_shape + (leaf.n, self.rank)}
+    return {"c": leaf.batch_shape + (self.rank, leaf.m)}
+
+  def buffer_axes(self, leaf):
+    batch = tuple((a,) for a in leaf.batch_axes)
+    if leaf.side == "cols":
+      return {"c": batch + (leaf.row_axes, None)}
+    return {"c": batch + (None, leaf.col_axes)}
+
+  def draw_shapes(self, leaf):
+    return {"a": leaf.batch_shape + (self.rank, leaf.dim)}
+
+  def draw(self, key, leaf):
+    return {"a": make_projection(key, self.draw_shapes(leaf)["a"], self.projection,
+                                 self.compute_dtype)}
+
+  def compress(self, x, draws, leaf):
+    x = leaf.to_matrix(x)
+    if leaf.side == "cols":
+      return {"c": self._mm("...nm,...rm->...nr", x, draws["a"])}
+    return {"c": self._mm("...rn,...nm->...rm", draws["a"], x)}
+
+  def decompress(self, parts, draws, leaf, residual=None):
+    c, a = parts["c"], draws["a"]
+    cols = leaf.side == "cols"
+    x = self._mm("...nr,...rm->...nm", c, a) if cols else self._mm("...rn,...rm->...nm", a, c)
+    if residual is not None:
+      # Add (I - P) residual, P the orthogonal projector on the rows (or columns) of A.
+      r = leaf.to_matrix(residual).astype(x.dtype)
+      gram = self._mm("...rd,...sd->...rs", a, a)
+      if cols:
+        coef = jnp.swapaxes(jnp.linalg.solve(gram, self._mm("...rd,...nd->...rn", a, r)), -1, -2)
+        x = x + r - self._mm("...nr,...rm->...nm", coef, a)
+      else:
+        coef = jnp.linalg.solve(gram, self._mm("...rn,...nm->...rm", a, r))
+        x = x + r - self._mm("...rn,...rm->...nm", a, coef)
+    return leaf.from_matrix(x)
+
+  def transfer(self, parts, old, new, leaf, how):
+    """``how="unbiased"``: ``up`` with the old projection, ``down`` with the new one (the
+    paper). ``"least_squares"``: the buffer whose decompression is closest to the old one.
+    A traced bool chooses per leaf (True: unbiased). Both go through ``(r, r)`` matrices."""
+    hp = jax.lax.Precision.HIGHEST
+    a_old, a_new = old["a"], new["a"]
+    cross = jnp.einsum("...sd,...rd->...sr", a_new, a_old, precision=hp)
+    change = cross
+    if not (isinstance(how, str) and how == "unbiased"):
+      change = jnp.linalg.solve(jnp.einsum("...sd,...td->...st", a_new, a_new, precision=hp),
+                                cross)
+      if not isinstance(how, str):
+        change = jnp.where(how, cross, change)
+    c = parts["c"]
+    if leaf.side == "cols":
+      return {"c": self._mm("...nr,...sr->...ns", c, change)}
+    return {"c": self._mm("...sr,...rm->...sm", change, c)}
+
+
+class TwoSided(Sketch):
+  """Range and co-range sketches of the leaf's matrix, oriented so that ``N ≥ M``."""
+
+  def sizes(self, n, m) -> tuple[int, int]:
+    """``(k, l)``: the largest ``k`` with ``N·k + l·M ≤ rank·N`` and ``l = 2k + 1`` (Tropp et
+    al.'s advice), so the state matches a projection's ``rank × max(n, m)`` numbers."""
+    big, small = max(n, m), min(n, m)
+    k = (big * self.rank - small) // (big + 2 * small)
+    return k, min(2 * k + 1, big)
+
+  def fits(self, n, m, side):
+    del side
+    k, _ = self.sizes(n, m)
+    if self.rank >= min(n, m):
+      return False, f"its smaller side has size {min(n, m)}"
+    return k >= 1, f"a two-sided sketch of rank {self.rank} would keep k={k} columns"
+
+  def _oriented(self, leaf):
+    return leaf.n >= leaf.m
+
+  def buffer_shapes(self, leaf):
+    k, l = self.sizes(leaf.n, leaf.m)
+    big, small = max(leaf.n, leaf.m), min(leaf.n, leaf.m)
+    return {"range": leaf.batch_shape + (big, k), "corange": leaf.batch_shape + (l, small)}
+
+  def buffer_axes(self, leaf):
+    batch = tuple((a,) for a in leaf.batch_axes)
+    big, small = ((leaf.row_axes, leaf.col_axes) if self._oriented(leaf)
+                  else (leaf.col_axes, leaf.row_axes))
+    return {"range": batch + (big, None), "corange": batch + (None, small)}
+
+  def draw_shapes(self, leaf):
+    k, l = self.sizes(leaf.n, leaf.m)
+    big, small = max(leaf.n, leaf.m), min(leaf.n, leaf.m)
+    return {"omega": leaf.batch_shape + (k, small), "psi": leaf.batch_shape + (l, big)}
+
+  def draw(self, key, leaf):
+    shapes = self.draw_shapes(leaf)
+    k_omega, k_psi = jax.random.split(key)
+    return {"omega": jax.random.normal(k_omega, shapes["omega"], self.compute_dtype),
+            "psi": jax.random.normal(k_psi, shapes["psi"], self.compute_dtype)}
+
+  def _to(self, x, leaf):
+    x = leaf.to_matrix(x)
+    return x if self._oriented(leaf) else jnp.swapaxes(x, -1, -2)
+
+  def _from(self, x, leaf):
+    return leaf.from_matrix(x if self._oriented(leaf) else jnp.swapaxes(x, -1, -2))
+
+  def compress(self, x, draws, leaf):
+    x = self._to(x, leaf)
+    return {"range": self._mm("...NM,...kM->...Nk", x, draws["omega"]),
+            "corange": self._mm("...lN,...NM->...lM", draws["psi"], x)}
+
+  def factors(self, parts, draws):
+    """``(Q, B)`` with ``X̂ = Q B``: ``Q = orth(Y)`` (``N × k``), ``B = (ΨQ)⁺ W`` (``k × M``)."""
+    q, _ = jnp.linalg.qr(parts["range"].astype(self.compute_dtype))
+    u, t = jnp.linalg.qr(self._mm("...lN,...Nk->...lk", draws["psi"], q))
+    b = jax.scipy.linalg.solve_triangular(t, self._mm("...lk,...lM->...kM", u, parts["corange"]))
+    return q, b
+
+  def decompress(self, parts, draws, leaf, residual=None):
+    q, b = self.factors(parts, draws)
+    x = self._mm("...Nk,...kM->...NM", q, b)
+    if residual is not None:
+      r = self._to(residual, leaf).astype(x.dtype)
+      x = x + r - self._mm("...Nk,...kM->...NM", q, self._mm("...Nk,...NM->...kM", q, r))
+    return self._from(x, leaf)
+
+  def transfer(self, parts, old, new, leaf, how):
+    """Re-sketch ``X̂ = Q B`` through its factors: ``Y' = Q (B Ω'ᵀ)``, ``W' = (Ψ' Q) B``."""
+    del leaf, how
+    q, b = self.factors(parts, old)
+    return {"range": self._mm("...Nk,...kj->...Nj", q,
+                              self._mm("...kM,...jM->...kj", b, new["omega"])),
+            "corange": self._mm("...lk,...kM->...lM",
+                                self._mm("...lN,...Nk->...lk", new["psi"], q), b)}
+
+
+SKETCH_CLASSES = {"projection": RandomProjection, "two_sided": TwoSided}
+
+
+def make_sketch(options) -> Sketch:
+  return SKETCH_CLASSES[options.sketch](options.rank, options.projection, options.compute_dtype,
+                                        options.precision)
+
+
+def make_projection(key, shape, kind: str, dtype) -> jax.Array:
+  """A random ``(*batch, r, d)`` matrix with ``E[AᵀA] = I`` for each batch entry.
+
+  * ``gaussian``: i.i.d. ``N(0, 1/r)`` entries (the paper's choice).
+  * ``rademacher``: i.i.d. ``±1/sqrt(r)`` entries; same expectation, cheaper to draw.
+  * ``orthogonal``: ``sqrt(d/r)·Q`` with ``Q`` Haar-distributed orthonormal rows (QR of a
+    Gaussian with the signs of ``R``'s diagonal fixed), so ``AᵀA = (d/r)·P`` exactly.
+  * ``dct``: ``sqrt(d/r)·S C D``: random signs ``D``, the orthonormal DCT-II ``C`` and ``r``
+    distinct random rows ``S``. Orthogonal rows like ``orthogonal`` (``AAᵀ = (d/r)·I``) with
+    no QR: every entry is a closed-form cosine.
+  """
+  *batch, r, d = shape
+  if kind == "gaussian":
+    return jax.random.normal(key, shape, dtype) * jnp.asarray(1.0 / math.sqrt(r), dtype)
+  if kind == "rademacher":
+    return jax.random.rademacher(key, shape, dtype) * jnp.asarray(1.0 / math.sqrt(r), dtype)
+  if kind == "orthogonal":
+    g = jax.random.normal(key, (*batch, d, r), jnp.float32)
+    q, upper = jnp.linalg.qr(g, mode="reduced")
+    signs = jnp.sign(jnp.diagonal(upper, axis1=-2, axis2=-1))
+    q = q * jnp.where(signs == 0, 1.0, signs)[..., None, :]
+    return (jnp.swapaxes(q, -1, -2) * math.sqrt(d / r)).astype(dtype)
+  if kind == "dct":
+    k_rows, k_signs = jax.random.split(key)
+    freqs = jnp.argsort(jax.random.uniform(k_rows, (*batch, d)), axis=-1)[..., :r]
+    signs = jax.random.rademacher(k_signs, (*batch, 1, d), dtype)
+    return _dct_rows(freqs.astype(jnp.uint32), d, dtype) * signs * math.sqrt(d / r)
+  raise ValueError(f"unknown projection {kind!r}")
+
+
+def _dct_rows(freqs, d: int, dtype) -> jax.Array:
+  """Rows ``freqs`` of the orthonormal DCT-II of size ``d``: ``c_k cos(π (2j+1) k / (2d))``.
+
+  The phase ``(2j+1)·k mod 4d`` is formed in uint32 integers (split in 8-bit halves of ``k``
+  so that no product overflows for ``d`` up to ~3·10⁵), so the float angle stays accurate
+  where ``(2j+1)·k`` itself would lose digits in float32.
+  """
+  period = jnp.uint32(4 * d)
+  odd = (2 * jnp.arange(d, dtype=jnp.uint32) + 1)[None, :]
+  k = freqs[..., :, None]
+  phase = ((odd * (k >> 8)) % period * jnp.uint32(256) + odd * (k & jnp.uint32(255))) % period
+  rows = jnp.cos(phase.astype(jnp.float32) * (math.pi / (2 * d)))
+  scale = jnp.where(k == 0, math.sqrt(1.0 / d), math.sqrt(2.0 / d))
+  return (rows * scale).astype(dtype)

@@ -1,0 +1,233 @@
+"""Regression tests for defects found by adversarial use (each failed on release 0.1.0)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import flora_optax
+from tests.conftest import buffer
+
+W = {"w": jnp.ones((16, 8))}
+
+
+def test_donating_one_state_leaves_other_states_and_the_transform_usable():
+  tx = flora_optax.flora_momentum(rank=4)
+  step = jax.jit(lambda g, s: tx.update(g, s), donate_argnums=1)
+  kept = tx.init(W)
+  _, state = step(W, tx.init(W))
+  _, state = step(W, tx.init(W))          # 0.1.0: "Buffer has been deleted or donated"
+  assert np.asarray(kept.key_data).shape == (2,)  # an earlier state is still alive
+  acc = flora_optax.flora_accumulate(optax.sgd(1.0), 2, rank=4)
+  step = jax.jit(lambda g, s: acc.update(g, s, W), donate_argnums=1)
+  step(W, acc.init(W))
+  step(W, acc.init(W))
+
+
+def test_lowering_k_mid_cycle_still_emits():
+  tx8 = flora_optax.flora_accumulate(optax.sgd(1.0), 8, rank=4)
+  state = tx8.init(W)
+  for _ in range(5):
+    _, state = tx8.update(W, state)
+  tx4 = flora_optax.flora_accumulate(optax.sgd(1.0), 4, rank=4)
+  emitted = []
+  for _ in range(9):
+    updates, state = tx4.update(W, state)
+    emitted.append(bool(np.any(np.asarray(updates["w"]) != 0)))
+  # The 6th micro-step of the cycle is past k - 1 = 3: it emits, then every 4th does.
+  assert emitted == [True, False, False, False, True, False, False, False, True]
+
+
+@pytest.mark.parametrize("sketch", ["projection", "two_sided"])
+def test_a_changed_compressed_side_is_an_error_naming_the_leaf(sketch):
+  tx = flora_optax.flora_momentum(rank=2, sketch=sketch)
+  state = tx.init({"w": jnp.ones((16, 8))})
+  with pytest.raises(ValueError, match=r"params\['w'\] has shape \(16, 9\).*\(16, 8\)"):
+    tx.update({"w": jnp.ones((16, 9))}, state)
+  acc = flora_optax.flora_accumulate(optax.sgd(1.0), 2, rank=2, sketch=sketch)
+  with pytest.raises(ValueError, match=r"params\['w'\] has shape \(16, 9\)"):
+    acc.update({"w": jnp.ones((16, 9))}, acc.init({"w": jnp.ones((16, 8))}))
+
+
+def test_complex_leaves_keep_their_imaginary_part(rng):
+  params = {"v": jnp.zeros(6, jnp.complex64), "m": jnp.zeros((8, 6), jnp.complex64),
+            "w": jnp.zeros((8, 6))}
+  grads = [{k: jnp.asarray(rng.standard_normal(p.shape) + 1j * rng.standard_normal(p.shape)
+                           if jnp.iscomplexobj(p) else rng.standard_normal(p.shape), p.dtype)
+            for k, p in params.items()} for _ in range(4)]
+  tx = flora_optax.flora_momentum(rank=2, decay=0.8)
+  ema = optax.ema(0.8, debias=False)
+  s, e = tx.init(params), ema.init(params)
+  for g in grads:
+    out, s = tx.update(g, s)
+    ref, e = ema.update(g, e)
+  for k in ("v", "m"):  # complex leaves are not compressed and keep optax.ema's arithmetic
+    assert s.compressed_mu[k].dtype == jnp.complex64
+    np.testing.assert_allclose(out[k], ref[k], rtol=1e-6, atol=1e-6)
+  assert isinstance(s.compressed_mu["w"], flora_optax.Compressed)
+  with pytest.raises(ValueError, match=r"params\['m'\] \(8, 6\).*complex"):
+    flora_optax.flora_momentum(rank=2, mask={"v": False, "m": True, "w": True}).init(params)
+
+
+def test_adafactor_accepts_integer_leaves_like_optax():
+  p = {"w": jnp.ones((8, 6)), "n": jnp.zeros((3, 4), jnp.int32)}
+  tx = flora_optax.flora_adafactor(1e-2, rank=2)
+  updates, _ = tx.update(p, tx.init(p), p)   # 0.1.0: ValueError about a (2, 4) buffer
+  ref, _ = optax.adafactor(1e-2).update(p, optax.adafactor(1e-2).init(p), p)
+  assert updates["n"].shape == ref["n"].shape
+
+
+def test_float16_buffers_are_refused():
+  with pytest.raises(ValueError, match="float16"):
+    flora_optax.flora_momentum(rank=2, dtype="float16")
+  with pytest.raises(ValueError, match="dtype"):
+    flora_optax.flora_momentum(rank=2, dtype=None)
+
+
+def test_traced_kappa_and_seed_work_under_inject_hyperparams():
+  tx = optax.inject_hyperparams(flora_optax.flora_momentum, static_args=("rank",))(
+      rank=2, decay=0.5, kappa=2, seed=3)
+  plain = flora_optax.flora_momentum(2, 0.5, 2, 3)
+  s, p = jax.jit(tx.init)(W), plain.init(W)
+  step, plain_step = jax.jit(tx.update), jax.jit(plain.update)
+  for t in range(5):
+    g = {"w": jnp.full((16, 8), float(t + 1))}
+    out, s = step(g, s)
+    ref, p = plain_step(g, p)
+    np.testing.assert_allclose(out["w"], ref["w"], rtol=1e-6)
+  assert int(s.inner_state.cycle) == 2
+
+
+def test_a_traced_every_k_names_static_args():
+  tx = optax.inject_hyperparams(flora_optax.flora_accumulate, static_args=("rank",))(
+      optax.sgd(1.0), 2, 4)
+  with pytest.raises(TypeError, match="static_args=\\('every_k_schedule'"):
+    jax.jit(tx.update)(W, tx.init(W), W)
+
+
+@pytest.mark.parametrize("seed,error", [(-1, ValueError), (2**64, ValueError),
+                                        (jnp.array(1.7), TypeError), (1.0, TypeError),
+                                        ("3", TypeError), (True, TypeError)])
+def test_bad_seeds(seed, error):
+  with pytest.raises(error, match="seed"):
+    flora_optax.flora_momentum(rank=2, seed=seed)
+
+
+def test_large_seeds_are_distinct():
+  draw = lambda seed: np.asarray(  # noqa: E731
+      flora_optax.projections(W, 4, 0, seed)["w"]["a"])
+  base = draw(0)
+  for seed in (2**32, 2**40, 2**64 - 1, np.uint64(2**33)):
+    assert not np.array_equal(draw(seed), base), seed
+  np.testing.assert_array_equal(draw(np.int64(5)), draw(5))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(kappa=2**31), ValueError, "kappa"),
+    (dict(kappa=0), ValueError, "kappa"),
+    (dict(kappa=2.5), TypeError, "kappa"),
+    (dict(decay="0.9"), TypeError, "decay"),
+    (dict(decay=optax.constant_schedule(0.9)), TypeError, "decay"),
+    (dict(decay=1.0), ValueError, "decay"),
+    (dict(precision="bogus"), ValueError, "precision"),
+    (dict(rank=-1), ValueError, "rank"),
+    (dict(rank="x"), TypeError, "rank"),
+    (dict(sketch="three_sided"), ValueError, "sketch"),
+    (dict(bogus=1), TypeError, "bogus"),
+])
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+  options = dict(rank=2)
+  options.update(kwargs)
+  with pytest.raises(error, match=match):
+    flora_optax.flora_momentum(**options)
+
+
+def test_numpy_integers_are_accepted_everywhere():
+  tx = flora_optax.flora_momentum(np.int64(2), kappa=np.int64(5), seed=np.int32(1))
+  tx.update(W, tx.init(W))
+  acc = flora_optax.flora_accumulate(optax.sgd(1.0), np.int64(2), np.int64(2))
+  acc.update(W, acc.init(W))
+
+
+def test_adafactor_rejects_a_bad_rank_even_without_momentum():
+  for rank, error in ((-1, ValueError), ("x", TypeError)):
+    with pytest.raises(error, match="rank"):
+      flora_optax.flora_adafactor(1e-2, rank=rank, momentum=None)
+
+
+def test_schedule_returning_a_float_or_zero():
+  acc = flora_optax.flora_accumulate(optax.sgd(1.0), lambda step: 2.7, 2)
+  with pytest.raises(TypeError, match="integer"):
+    acc.update(W, acc.init(W))
+  acc = flora_optax.flora_accumulate(optax.sgd(1.0), lambda step: step * 0, 2)
+  with pytest.raises(Exception, match="returned 0"):
+    jax.block_until_ready(jax.jit(acc.update)(W, acc.init(W)))
+
+
+def test_matrix_axes_with_a_float_names_the_leaf():
+  tx = flora_optax.flora_momentum(rank=2, axes=flora_optax.MatrixAxes(rows=0, cols=2.0))
+  with pytest.raises(TypeError, match=r"params\['w'\]"):
+    tx.init(W)
+
+
+@pytest.mark.parametrize("cycle", [-1, 2.5, 2**32])
+def test_projections_refuse_bad_cycles(cycle):
+  with pytest.raises(ValueError, match="cycle"):
+    flora_optax.projections(W, 4, cycle)
+
+
+def test_counters_near_their_limits_keep_resampling():
+  kappa = 3
+  tx = flora_optax.flora_momentum(rank=2, kappa=kappa)
+  state = tx.init(W)
+  state = state._replace(count=jnp.asarray(2**31 - 2, jnp.int32),
+                         cycle=jnp.asarray(2**32 - 1, jnp.uint32))
+  step = jax.jit(tx.update)
+  cycles = []
+  for _ in range(3 * kappa):
+    _, state = step(W, state)
+    cycles.append(int(state.cycle))
+  assert int(state.count) == 2**31 - 1                       # saturates, like optax's
+  # One resample every kappa steps; the cycle number wraps from 2**32 - 1 to 0.
+  assert cycles == [2**32 - 1] * kappa + [0] * kappa + [1] * kappa
+
+
+def test_compressed_mean_keeps_the_gradient_dtype():
+  w = jnp.ones((32, 16), jnp.bfloat16)
+  b = jnp.ones((16,), jnp.bfloat16)
+  x = jnp.ones((8, 32), jnp.bfloat16)
+  grad_fn = jax.grad(lambda p, x: jnp.sum(x @ p["w"] + p["b"]).astype(jnp.float32))
+  micro = optax.microbatching.microbatch(
+      grad_fn, argnums=1, microbatch_size=2, accumulator=flora_optax.compressed_mean(4, 0))
+  g = micro({"w": w, "b": b}, x)
+  assert g["w"].dtype == jnp.bfloat16 and g["b"].dtype == jnp.bfloat16
+
+
+def test_has_updated_finds_the_accumulation_state_anywhere():
+  acc = flora_optax.flora_accumulate(optax.sgd(1.0), 2, 2)
+  chain = optax.chain(optax.identity(), acc)
+  injected = optax.inject_hyperparams(flora_optax.flora_accumulate, static_args=(
+      "opt", "every_k_schedule", "rank"))(optax.sgd(1.0), 2, 2)
+  for tx in (chain, injected):
+    state = tx.init(W)
+    flags = []
+    for _ in range(4):
+      _, state = tx.update(W, state, W)
+      flags.append(bool(flora_optax.has_updated(state)))
+    assert flags == [False, True, False, True]
+  with pytest.raises(ValueError, match="exactly one"):
+    flora_optax.has_updated(optax.sgd(1.0).init(W))
+
+
+def test_non_finite_gradients_are_skipped_without_touching_the_state():
+  acc = flora_optax.flora_accumulate(optax.sgd(1.0), 2, 2,
+                                     should_skip_update_fn=optax.skip_not_finite)
+  state = acc.init(W)
+  _, state = acc.update(W, state, W)
+  bad = {"w": W["w"].at[0, 0].set(jnp.nan)}
+  updates, skipped = acc.update(bad, state, W)
+  assert np.all(np.asarray(updates["w"]) == 0)
+  for a, b in zip(jax.tree.leaves(state.compressed_acc), jax.tree.leaves(skipped.compressed_acc)):
+    np.testing.assert_array_equal(a, b)
+  assert np.all(np.isfinite(np.asarray(buffer(skipped.compressed_acc["w"]))))
