@@ -47,22 +47,32 @@ def check_rank(rank) -> int:
   return check_count(rank, "rank")
 
 
-def check_count(value, name: str, allow_traced: bool = False):
-  """A positive int below 2**31 (a concrete 0-d integer array is accepted too); a traced one
-  is passed through where `allow_traced` (``inject_hyperparams`` without ``static_args``)."""
+def check_int(value, name: str, low: int, high: int, *, traced_ok: bool = False):
+  """An int in ``[low, high)`` (a concrete 0-d integer array is accepted too). A traced
+  integer scalar is passed through where `traced_ok` (``inject_hyperparams`` traces every
+  numeric argument it is not told is static); elsewhere the error names ``static_args``."""
+  span = f"[{low}, {'2**31 - 1]' if high == 2**31 else '2**64)' if high == 2**64 else high}"
   if isinstance(value, jax.core.Tracer):
-    if allow_traced:
-      return value
-    raise TypeError(_traced_hint(name))
+    if not traced_ok:
+      raise TypeError(_traced_hint(name))
+    if value.ndim or not jnp.issubdtype(value.dtype, jnp.integer):
+      raise TypeError(f"{name} must be an integer scalar, got a traced "
+                      f"{value.dtype}{value.shape}")
+    return value
   if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0 and jnp.issubdtype(
       value.dtype, jnp.integer):
     value = int(value)
   if not _is_int(value):
-    raise TypeError(f"{name} must be an int in [1, 2**31 - 1], got {name}={value!r} "
+    raise TypeError(f"{name} must be an int in {span}, got {name}={value!r} "
                     f"({type(value).__name__})")
-  if not 1 <= value <= _INT32_MAX:
-    raise ValueError(f"{name} must be an int in [1, 2**31 - 1], got {name}={value!r}")
+  if not low <= value < high:
+    raise ValueError(f"{name} must be an int in {span}, got {name}={value!r}")
   return int(value)
+
+
+def check_count(value, name: str, allow_traced: bool = False):
+  """A positive int below 2**31, or (with `allow_traced`) a traced one."""
+  return check_int(value, name, 1, _INT32_MAX + 1, traced_ok=allow_traced)
 
 
 def check_kappa(kappa):
@@ -70,22 +80,9 @@ def check_kappa(kappa):
   return None if kappa is None else check_count(kappa, "kappa", allow_traced=True)
 
 
-def check_seed(seed) -> int:
-  """An int in [0, 2**64); a traced integer passes (``inject_hyperparams`` traces every
-  numeric argument it is not told is static; the key is then made inside the trace)."""
-  if isinstance(seed, jax.core.Tracer):
-    if not jnp.issubdtype(seed.dtype, jnp.integer) or seed.ndim:
-      raise TypeError(f"seed must be an integer scalar, got a traced {seed.dtype}{seed.shape}")
-    return seed
-  if isinstance(seed, (jax.Array, np.ndarray)) and seed.ndim == 0 and jnp.issubdtype(
-      seed.dtype, jnp.integer):
-    seed = int(seed)
-  if not _is_int(seed):
-    raise TypeError(f"seed must be an int in [0, 2**64), got seed={seed!r} "
-                    f"({type(seed).__name__})")
-  if not 0 <= seed < 2**64:
-    raise ValueError(f"seed must be an int in [0, 2**64), got seed={seed!r}")
-  return int(seed)
+def check_seed(seed):
+  """An int in [0, 2**64), or a traced integer (the key is then made inside the trace)."""
+  return check_int(seed, "seed", 0, 2**64, traced_ok=True)
 
 
 def check_decay(decay, name="decay"):

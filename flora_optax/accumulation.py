@@ -118,13 +118,9 @@ def flora_accumulate(
   def update_fn(updates, state, params=None, **extra_args):
     _buffers.check(updates, state.compressed_acc, "accumulator")
     k = every_k(state.gradient_step)
-    should_skip, skip_state = skip_fn(updates, state.gradient_step, params)
-    should_skip = jnp.asarray(should_skip)
-    if should_skip.shape != () or should_skip.dtype != jnp.bool_:
-      raise ValueError(f"should_skip_update_fn must return a bool scalar, got dtype "
-                       f"{should_skip.dtype} and shape {should_skip.shape}")
+    should_skip, skip_state = _checked_skip(skip_fn(updates, state.gradient_step, params))
 
-    def zero_updates(inner_state):
+    def zero_updates(inner_state):  # what the inner optimizer would emit, as zeros
       return optax.tree.zeros_like(jax.eval_shape(
           lambda s: inner.update(updates, s, params, **extra_args)[0], inner_state))
 
@@ -160,6 +156,15 @@ def flora_accumulate(
         accumulate, updates, state, params)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _checked_skip(result):
+  should_skip, skip_state = result
+  should_skip = jnp.asarray(should_skip)
+  if should_skip.shape != () or should_skip.dtype != jnp.bool_:
+    raise ValueError(f"should_skip_update_fn must return a bool scalar, got dtype "
+                     f"{should_skip.dtype} and shape {should_skip.shape}")
+  return should_skip, skip_state
 
 
 def _schedule(every_k_schedule) -> Callable[[jax.Array], jax.Array]:

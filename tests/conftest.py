@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import flora_optax
@@ -46,6 +47,18 @@ def side_of(view, side):
 def buffer(x):
   """The array of a buffer: a projection-compressed leaf's ``parts["c"]``, else the array."""
   return x.parts["c"] if isinstance(x, flora_optax.Compressed) else x
+
+
+def trajectory(tx, params, grads):
+  """Jitted updates applied to `params` over `grads`: (the updates, the final state)."""
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  outs = []
+  for g in grads:
+    u, state = update(g, state, params)
+    params = optax.apply_updates(params, u)
+    outs.append(u)
+  return outs, state
 
 
 def run_transform(tx, grads, params):

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import flora_optax
+from tests.conftest import trajectory
 
 PARAMS = {"w": jnp.zeros((32, 48)), "emb": jnp.zeros((200, 16)), "b": jnp.zeros(48)}
 
@@ -15,17 +16,6 @@ PARAMS = {"w": jnp.zeros((32, 48)), "emb": jnp.zeros((200, 16)), "b": jnp.zeros(
 def tree(rng, scale=1.0):
   return {k: jnp.asarray(scale * rng.standard_normal(p.shape), jnp.float32)
           for k, p in PARAMS.items()}
-
-
-def trajectory(tx, params, grads):
-  state = tx.init(params)
-  step = jax.jit(tx.update)
-  outs = []
-  for g in grads:
-    u, state = step(g, state, params)
-    params = optax.apply_updates(params, u)
-    outs.append(u)
-  return outs, state
 
 
 @pytest.mark.parametrize("weight_decay_mask", [None, {"w": True, "emb": False, "b": False}])

@@ -7,23 +7,13 @@ import optax
 import pytest
 
 import flora_optax
+from tests.conftest import trajectory
 
 
 def _tree(rng):
   return {"w": jnp.asarray(rng.standard_normal((64, 160)), jnp.float32),
           "v": jnp.asarray(rng.standard_normal((160, 24)), jnp.float32),
           "b": jnp.asarray(rng.standard_normal((24,)), jnp.float32)}
-
-
-def _trajectory(tx, params, grads):
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  outs = []
-  for g in grads:
-    u, state = update(g, state, params)
-    params = optax.apply_updates(params, u)
-    outs.append(params)
-  return outs, state
 
 
 def _assert_same(a, b, rtol=1e-5):
@@ -34,18 +24,18 @@ def _assert_same(a, b, rtol=1e-5):
 def test_without_momentum_is_optax_adafactor(rng):
   params = _tree(rng)
   grads = [_tree(rng) for _ in range(5)]
-  ours, _ = _trajectory(flora_optax.flora_adafactor(1e-2, 8, momentum=None), params, grads)
-  theirs, _ = _trajectory(optax.adafactor(1e-2), params, grads)
+  ours, _ = trajectory(flora_optax.flora_adafactor(1e-2, 8, momentum=None), params, grads)
+  theirs, _ = trajectory(optax.adafactor(1e-2), params, grads)
   _assert_same(ours, theirs)
 
 
 def test_uncompressed_after_param_scale_is_optax_adafactor_with_momentum(rng):
   params = _tree(rng)
   grads = [_tree(rng) for _ in range(6)]
-  ours, _ = _trajectory(flora_optax.flora_adafactor(
+  ours, _ = trajectory(flora_optax.flora_adafactor(
       1e-2, 8, momentum=0.9, mask=False, momentum_position="after_param_scale",
       weight_decay_rate=1e-3), params, grads)
-  theirs, _ = _trajectory(optax.adafactor(1e-2, momentum=0.9, weight_decay_rate=1e-3), params,
+  theirs, _ = trajectory(optax.adafactor(1e-2, momentum=0.9, weight_decay_rate=1e-3), params,
                           grads)
   _assert_same(ours, theirs)
 
@@ -53,10 +43,10 @@ def test_uncompressed_after_param_scale_is_optax_adafactor_with_momentum(rng):
 def test_uncompressed_accumulation_is_multisteps(rng):
   params = _tree(rng)
   grads = [_tree(rng) for _ in range(8)]
-  ours, _ = _trajectory(flora_optax.flora_accumulate(flora_optax.flora_adafactor(
+  ours, _ = trajectory(flora_optax.flora_accumulate(flora_optax.flora_adafactor(
       1e-2, 8, momentum=0.9, mask=False, momentum_position="after_param_scale"), 4, 8,
       mask=False), params, grads)
-  theirs, _ = _trajectory(optax.MultiSteps(optax.adafactor(1e-2, momentum=0.9), 4), params,
+  theirs, _ = trajectory(optax.MultiSteps(optax.adafactor(1e-2, momentum=0.9), 4), params,
                           grads)
   _assert_same(ours, theirs)
 
@@ -96,8 +86,8 @@ def test_inject_hyperparams_with_traced_learning_rate_and_momentum(rng):
   factory = optax.inject_hyperparams(flora_optax.flora_adafactor,
                                      static_args=("rank", "kappa", "seed"))
   tx = factory(learning_rate=1e-2, rank=8, momentum=0.9, kappa=2, seed=1)
-  ours, state = _trajectory(tx, params, grads)
-  plain, _ = _trajectory(flora_optax.flora_adafactor(1e-2, 8, momentum=0.9, kappa=2, seed=1),
+  ours, state = trajectory(tx, params, grads)
+  plain, _ = trajectory(flora_optax.flora_adafactor(1e-2, 8, momentum=0.9, kappa=2, seed=1),
                          params, grads)
   _assert_same(ours, plain)
   assert set(state.hyperparams) >= {"learning_rate", "momentum"}
@@ -128,7 +118,7 @@ def test_accumulate_every_still_works_with_a_deprecation_warning(rng):
                                       should_skip_update_fn=optax.skip_not_finite)
   new = flora_optax.flora_accumulate(flora_optax.flora_adafactor(1e-2, 8), 2, 8,
                                      should_skip_update_fn=optax.skip_not_finite)
-  _assert_same(_trajectory(old, params, grads)[0], _trajectory(new, params, grads)[0])
+  _assert_same(trajectory(old, params, grads)[0], trajectory(new, params, grads)[0])
 
 
 def test_bad_options():

@@ -47,20 +47,31 @@ FLORA_STATES = ("accumulate", "momentum_chain", "adamw")
 MISMATCHED = ["seed", "rank", "kappa"]  # the option process 1 sets differently
 
 
-def _gloo_available() -> bool:
-  """Whether this jaxlib can make gloo CPU collectives (what a multi-process CPU run needs)."""
-  try:
-    from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
-  except ImportError:  # older jaxlib
-    from jax._src.lib import xla_client  # pylint: disable=import-outside-toplevel
-    _jax = xla_client._xla  # pylint: disable=protected-access
-  return hasattr(_jax, "make_gloo_tcp_collectives")
+# A one-process distributed start with gloo collectives: it fails at once, with the reason,
+# where this jaxlib has no gloo (public API only; a few seconds).
+_GLOO_PROBE = """
+import socket, sys, jax
+s = socket.socket(); s.bind(("localhost", 0)); port = s.getsockname()[1]; s.close()
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{port}", num_processes=1, process_id=0)
+print(jax.numpy.sum(jax.numpy.ones(3)), jax.process_count())
+jax.distributed.shutdown()
+"""
 
 
-pytestmark = pytest.mark.skipif(
-    not _gloo_available(),
-    reason="this jaxlib has no gloo CPU collectives (make_gloo_tcp_collectives), which "
-           "multi-process runs on CPU need")
+def _gloo_unavailable() -> str | None:
+  """None where multi-process CPU runs work here, else why not."""
+  proc = subprocess.run([sys.executable, "-c", _GLOO_PROBE], env=_env(), capture_output=True,
+                        text=True, timeout=120, check=False)
+  return None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_gloo():
+  reason = _gloo_unavailable()
+  if reason is not None:
+    pytest.skip(f"multi-process runs on CPU need gloo collectives, which this JAX cannot "
+                f"start: {reason}")
 
 
 def _free_ports(n: int) -> list[int]:
