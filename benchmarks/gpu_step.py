@@ -143,10 +143,15 @@ def make_optimizer(opt, rank):
     return optax.adafactor(LR, momentum=0.9), 1
   if opt == "flora":
     return flora_optax.flora_adafactor(LR, rank, momentum=0.9), 1
+  if opt == "flora_two_sided":
+    return flora_optax.flora_adafactor(LR, rank, momentum=0.9, sketch="two_sided"), 1
   if opt == "multisteps":
     return optax.MultiSteps(optax.adafactor(LR), K_ACC).gradient_transformation(), K_ACC
   if opt == "flora_acc":
     return flora_optax.flora_accumulate(optax.adafactor(LR), K_ACC, rank), K_ACC
+  if opt == "flora_acc_two_sided":
+    return flora_optax.flora_accumulate(optax.adafactor(LR), K_ACC, rank,
+                                        sketch="two_sided"), K_ACC
   if opt == "galore":
     return optax.contrib.galore(LR, rank=rank), 1
   raise ValueError(opt)
@@ -155,21 +160,25 @@ def make_optimizer(opt, rank):
 def config_name(opt, rank):
   return {"adafactor": "adafactor", "naive": "naive", "multisteps": f"multisteps{K_ACC}",
           "flora": f"flora_r{rank}", "flora_acc": f"flora_acc{K_ACC}_r{rank}",
+          "flora_two_sided": f"flora_two_sided_r{rank}",
+          "flora_acc_two_sided": f"flora_acc{K_ACC}_two_sided_r{rank}",
           "galore": f"galore_r{rank}"}[opt]
 
 
 def update_configs(ranks):
   cfgs = [("naive", None), ("adafactor", None)]
   cfgs += [("flora", r) for r in ranks]
+  cfgs += [("flora_two_sided", r) for r in ranks]
   cfgs += [("galore", r) for r in ranks]
   cfgs += [("multisteps", None)]
   cfgs += [("flora_acc", r) for r in ranks]
+  cfgs += [("flora_acc_two_sided", r) for r in ranks]
   return cfgs
 
 
 def train_configs(ranks):
   return ([("naive", None), ("adafactor", None)] + [("flora", r) for r in ranks]
-          + [("galore", max(ranks))])
+          + [("flora_two_sided", max(ranks)), ("galore", max(ranks))])
 
 
 def tree_bytes(tree):
@@ -269,6 +278,8 @@ def measure_matmul(n, d, r, reps=10, dtype=jnp.float32):
 
 def projection_flops(cfg):
   """Matmul flops per (micro-)step: 2·n·m·r per projection matmul."""
+  if cfg.opt in ("flora_two_sided", "flora_acc_two_sided"):
+    return None  # several matmuls and a QR per leaf: no single projection floor
   if cfg.opt in ("flora", "flora_acc"):
     mats = jax.eval_shape(lambda p: flora_optax.projections(
         p, cfg.rank, 0, transform="momentum" if cfg.opt == "flora" else "accumulate"),
@@ -379,7 +390,8 @@ def add_floors(results):
       continue
     row["floor_bytes_ms"] = 1e3 * row["floor_bytes"] / bw
     rate = rates.get(f"{row['size']}_r{row['rank']}") if row["rank"] else None
-    row["floor_flops_ms"] = 1e3 * row["floor_flops"] / rate if rate else 0.0
+    flops = row["floor_flops"] or 0  # None: no single projection floor (two-sided sketch)
+    row["floor_flops_ms"] = 1e3 * flops / rate if rate else 0.0
     row["floor_ms"] = max(row["floor_bytes_ms"], row["floor_flops_ms"])
 
 

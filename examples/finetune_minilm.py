@@ -180,19 +180,21 @@ def galore_dimension_numbers(mask: Any) -> Any:
 
 def optimizer_specs(schedule: optax.Schedule, rank: int, k: int, kappa: int,
                     weight_decay: float, seed: int, mask: Any,
-                    label: str = "") -> list[OptimizerSpec]:
-  """The six optimizers; `mask` says which leaves the low-rank ones compress."""
+                    label: str = "", sketch: str = "projection") -> list[OptimizerSpec]:
+  """The six optimizers; `mask` says which leaves the low-rank ones compress, `sketch` how
+  Flora compresses them."""
   adamw = lambda: optax.adamw(schedule, weight_decay=weight_decay)  # noqa: E731
   flora_adamw = lambda: flora_optax.flora_adamw(  # noqa: E731
-      schedule, rank, weight_decay=weight_decay, kappa=kappa, seed=seed, mask=mask)
+      schedule, rank, weight_decay=weight_decay, kappa=kappa, seed=seed, mask=mask,
+      sketch=sketch)
   specs = [
       OptimizerSpec("adamw", adamw),
       OptimizerSpec(f"multisteps(adamw, {k})", lambda: optax.MultiSteps(adamw(), k), k),
       OptimizerSpec(f"flora_acc(adamw, {k}){label}", lambda: flora_optax.flora_accumulate(
-          adamw(), k, rank, seed=seed, mask=mask), k, "flora_accumulate", True),
+          adamw(), k, rank, seed=seed, mask=mask, sketch=sketch), k, "flora_accumulate", True),
       OptimizerSpec(f"flora_adamw{label}", flora_adamw, 1, "flora_adamw", True),
       OptimizerSpec(f"flora_acc(flora_adamw, {k}){label}", lambda: flora_optax.flora_accumulate(
-          flora_adamw(), k, rank, seed=seed, mask=mask), k, "flora_adamw", True),
+          flora_adamw(), k, rank, seed=seed, mask=mask, sketch=sketch), k, "flora_adamw", True),
       OptimizerSpec(f"galore{label}", lambda: optax.contrib.galore(
           schedule, rank=rank, update_proj_gap=kappa, weight_decay=weight_decay,
           weight_dimension_numbers=galore_dimension_numbers(mask)), compresses=True),
@@ -424,6 +426,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "no, or both (the low-rank optimizers run twice)")
   parser.add_argument("--only", default="",
                       help="comma-separated optimizer names to run (default: all)")
+  parser.add_argument("--sketch", choices=("projection", "two_sided"), default="projection",
+                      help="how Flora compresses (flora_optax.Compression's sketch)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", type=Path, default=Path("runs/finetune_minilm"))
   parser.add_argument("--quick", action="store_true",
@@ -476,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
   for compress in variants:
     label = "" if len(variants) == 1 else (" +emb" if compress else " -emb")
     group = optimizer_specs(schedule, rank, args.k, args.kappa, args.weight_decay, args.seed,
-                            make_mask(initial_params, compress, rank), label)
+                            make_mask(initial_params, compress, rank), label, args.sketch)
     # The full-rank optimizers do not depend on the mask: run them once.
     specs += [s for s in group if s.compresses or compress == variants[0]]
   if args.only:

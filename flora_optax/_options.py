@@ -165,10 +165,6 @@ class Compression:
       except (ValueError, KeyError, TypeError):
         raise ValueError(f"precision must be None or a jax.lax.Precision, got "
                          f"precision={self.precision!r}") from None
-    if not (self.axes is None or callable(self.axes) or isinstance(self.axes, _layout.MatrixAxes)
-            or isinstance(self.axes, (dict, list, tuple))):
-      raise TypeError(f"axes must be None, a MatrixAxes, a pytree of them or a callable, got "
-                      f"{self.axes!r}")
 
   @property
   def compute_dtype(self):

@@ -186,6 +186,13 @@ def test_compressed_buffers_are_sharded(multidevice, name):
   assert multidevice[name]["buffers"]["accumulator/wide"]["shape"] == [8, 128]
 
 
+@pytest.mark.parametrize("name", MESHES)
+def test_two_sided_sketch_under_sharding(multidevice, name):
+  result = multidevice[name]["two_sided"]
+  assert result["max_abs_diff"] < 1e-4, result
+  assert result["full_allgathers"] == []
+
+
 def test_allgather_detector_sees_a_gathered_weight(multidevice):
   # Control: replicating an FSDP-sharded weight shows up as an all-gather of its shape.
   assert multidevice["control_allgathers"]
