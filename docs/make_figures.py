@@ -33,7 +33,7 @@ def relative_error(projection: str, rank: int) -> float:
 
   def one(cycle):
     a = flora_optax.projections(params, rank=rank, cycle=cycle, side="cols",
-                                projection=projection)["w"]
+                                projection=projection)["w"]["a"]
     g_hat = (g @ a.T) @ a
     return jnp.sum((g_hat - g) ** 2) / jnp.sum(g ** 2)
 
@@ -71,7 +71,7 @@ def rank_figure(path: str) -> None:
   def total(resample: bool):
     def body(acc, t):
       cycle = t if resample else 0
-      a = flora_optax.projections(params, rank=rank, cycle=cycle, side="cols")["w"]
+      a = flora_optax.projections(params, rank=rank, cycle=cycle, side="cols")["w"]["a"]
       return acc + (grads[t] @ a.T) @ a, None
     acc, _ = jax.lax.scan(body, jnp.zeros((n, D)), jnp.arange(steps))
     return np.linalg.svd(np.asarray(acc), compute_uv=False)

@@ -1,16 +1,16 @@
 """Flora with Flax linen: compressed gradient accumulation and momentum in a TrainState.
 
 A linen MLP is trained on a synthetic classification task with
-``flora_optax.flora_adafactor(..., accumulate_every=4)``: gradients of 4 micro-batches are
-averaged in a compressed buffer (``flora_accumulate``), then Adafactor with compressed
-momentum takes one step. The same run with the naive
+``flora_optax.flora_accumulate(flora_optax.flora_adafactor(...), every_k_schedule=4, rank=64)``:
+gradients of 4 micro-batches are averaged in a compressed buffer, then Adafactor with
+compressed momentum takes one step. The same run with the naive
 ``optax.MultiSteps(optax.adafactor(momentum=0.9), 4)`` is printed beside it. Runs in a few
 seconds on a CPU::
 
     python examples/linen_example.py
 
 Expect the Flora run to learn more slowly in this tiny setting (final micro-batch loss about
-1.47 against 1.06 for the naive run, with less than half the optimizer state): both the
+1.49 against 1.06 for the naive run, with less than half the optimizer state): both the
 accumulator and the momentum of the 256x256 layer are random rank-64 sketches, whose noise
 grows with 256/64. Raise ``RANK`` to trade memory for accuracy. (The (64, 256) first layer
 is not compressed at rank 64: its smaller side is not larger than the rank.)
@@ -68,8 +68,9 @@ def train(tx, name, x, y):
 
 def main():
   x, y = make_data(np.random.default_rng(0))
-  flora = flora_optax.flora_adafactor(
-      1e-2, rank=RANK, momentum=0.9, kappa=20, accumulate_every=MICRO_STEPS)
+  flora = flora_optax.flora_accumulate(
+      flora_optax.flora_adafactor(1e-2, rank=RANK, momentum=0.9, kappa=20),
+      every_k_schedule=MICRO_STEPS, rank=RANK)
   naive = optax.MultiSteps(optax.adafactor(1e-2, momentum=0.9), MICRO_STEPS)
   flora_loss, flora_bytes = train(flora, "flora", x, y)
   naive_loss, naive_bytes = train(naive, "naive", x, y)
