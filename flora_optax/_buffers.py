@@ -111,29 +111,20 @@ def check(updates, buffers, what: str) -> None:
 
 
 def draw(buffers, key_data, cycle, prng_impl: str):
-  """The random matrices of every compressed leaf for `cycle` (``None`` for plain leaves).
+  """The random matrices of every compressed leaf for `cycle` (a marker for plain leaves).
 
-  Leaves with draws of the same shapes are drawn together under one ``vmap`` (one kernel per
-  shape, not per leaf). Threefry is elementwise, so each is bit-for-bit what a lone draw
-  gives (``projections`` draws alone; a test compares them).
+  Each leaf draws its own, from its own key (``projections`` regenerates the same numbers; a
+  test compares them bit for bit). Release 0.1.0 drew same-shape leaves together under one
+  ``vmap`` and sliced the stack; XLA then fused the whole random-number kernel into every
+  slice, and the compiled GPT-2-small update at rank 256 counted 21.6 GFLOP and 7.9 GB more
+  than drawing each leaf once (``benchmarks/cost_model.py``; docs/benchmarks.md).
   """
-  flat, treedef = jax.tree.flatten(buffers, is_leaf=is_compressed)
-  groups: dict[Any, list[int]] = {}
-  for i, node in enumerate(flat):
-    if is_compressed(node):
-      shapes = node.sketch.draw_shapes(node.leaf)
-      groups.setdefault((node.sketch, tuple(sorted(shapes.items()))), []).append(i)
-  out: list[Any] = [None] * len(flat)
-  for (sketch, _), members in groups.items():
-    leaf0 = flat[members[0]].leaf
-    ids = jnp.asarray([flat[i].leaf.key_id for i in members], jnp.uint32)
-    one = lambda leaf_id: sketch.draw(  # noqa: E731
-        _options.leaf_key(key_data, prng_impl, leaf_id, cycle), leaf0)
-    stacked = jax.vmap(one)(ids) if len(members) > 1 else jax.tree.map(
-        lambda x: x[None], one(ids[0]))
-    for j, i in enumerate(members):
-      out[i] = jax.tree.map(lambda x: x[j], stacked)  # noqa: B023
-  return jax.tree.unflatten(treedef, [_NoDraw() if d is None else _Draws(d) for d in out])
+  def one(node):
+    if not is_compressed(node):
+      return _NoDraw()
+    key = _options.leaf_key(key_data, prng_impl, np.uint32(node.leaf.key_id), cycle)
+    return _Draws(node.sketch.draw(key, node.leaf))
+  return map_leaves(one, buffers)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,9 +93,9 @@ def test_state_bytes_account_for_every_leaf(shapes, rank):
   assert flora_optax.state_bytes(state) <= expected + 16 * len(shapes) + 64
 
 
-def test_batched_generation_is_bit_identical_to_one_leaf_at_a_time():
-  """The transforms draw same-shape sketches of several leaves under one vmap; each must be
-  the matrix `projections` draws for that leaf alone."""
+def test_transform_draws_are_bit_identical_to_projections():
+  """The draws a transform makes inside jit are, bit for bit, what `projections` regenerates
+  for each leaf alone (same-shape leaves included)."""
   params = {"a": jnp.zeros((24, 40)), "b": jnp.zeros((24, 40)), "c": jnp.zeros((40, 24)),
             "d": jnp.zeros((3, 12, 20)), "v": jnp.zeros(5)}
   axes = {"a": None, "b": None, "c": None, "v": None,
