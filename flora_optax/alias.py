@@ -170,6 +170,7 @@ def scale_by_flora_adam(
   _options.check_choice(second_moment, SECOND_MOMENTS, "second_moment")
   momentum_options = _options.var_keywords(momentum_options, "momentum_options")
   _options.check_choice(first_moment, FIRST_MOMENTS, "first_moment")
+  _options.check_decay(b1, "b1")
   _options.check_decay(b2, "b2")
   momentum = flora_momentum(rank, b1, kappa, seed, **momentum_options)
 

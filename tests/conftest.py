@@ -49,27 +49,24 @@ def buffer(x):
   return x.parts["c"] if isinstance(x, flora_optax.Compressed) else x
 
 
-def trajectory(tx, params, grads):
-  """Jitted updates applied to `params` over `grads`: (the updates, the final state)."""
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  outs = []
-  for g in grads:
-    u, state = update(g, state, params)
-    params = optax.apply_updates(params, u)
-    outs.append(u)
-  return outs, state
+def run_transform(tx, grads, params, *, apply_updates=False):
+  """Jitted ``tx.update`` over `grads` from ``tx.init(params)``: (outputs, final state).
 
-
-def run_transform(tx, grads, params):
-  """Jitted ``tx.update`` over `grads` from ``tx.init(params)``: (outputs, final state)."""
+  With `apply_updates` the params move with each update (an optimizer's trajectory)."""
   state = tx.init(params)
   update = jax.jit(tx.update)
   outs = []
   for g in grads:
     out, state = update(g, state, params)
+    if apply_updates:
+      params = optax.apply_updates(params, out)
     outs.append(out)
   return outs, state
+
+
+def trajectory(tx, params, grads):
+  """An optimizer's updates along its own trajectory: (the updates, the final state)."""
+  return run_transform(tx, grads, params, apply_updates=True)
 
 
 def random_tree(rng, shapes=SHAPES, dtype=np.float32, scale=1.0):

@@ -116,3 +116,5 @@ def test_bad_options():
     flora_optax.flora_adamw(1e-3, 4, first_moment="later")
   with pytest.raises(ValueError, match="b2"):
     flora_optax.flora_adamw(1e-3, 4, b2=1.5)
+  with pytest.raises(ValueError, match="b1=1.0"):
+    flora_optax.flora_adamw(1e-3, 4, b1=1.0)
