@@ -225,6 +225,17 @@ def map_unboxed(fn, tree):
   return jax.tree.unflatten(treedef, [fn(x) for _, x in flat])
 
 
+def unbox(tree):
+  """`tree` without ``nnx.Variable`` boxes, and a function that puts a result with that
+  unboxed structure back into `tree`'s own (boxes, if any, included)."""
+  flat, treedef = flatten(tree)
+  plain = jax.tree.unflatten(treedef, [x for _, x in flat])
+  if all(not _is_boxed(x) for x in jax.tree.leaves(tree, is_leaf=_is_boxed)):
+    return plain, lambda result: result
+  outer = jax.tree.structure(tree)
+  return plain, lambda result: jax.tree.unflatten(outer, jax.tree.leaves(result))
+
+
 def leaf_names(tree) -> list[str]:
   return [name for name, _ in flatten(tree)[0]]
 

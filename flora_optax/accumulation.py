@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flora_optax import _buffers, _options
+from flora_optax import _buffers, _layout, _options
 
 
 class FloraAccumulateState(NamedTuple):
@@ -116,13 +116,15 @@ def flora_accumulate(
         skip_state=skip_state)
 
   def update_fn(updates, state, params=None, **extra_args):
+    boxed = updates
+    updates, rebox = _layout.unbox(updates)
     _buffers.check(updates, state.compressed_acc, "accumulator")
     k = every_k(state.gradient_step)
     should_skip, skip_state = _checked_skip(skip_fn(updates, state.gradient_step, params))
 
     def zero_updates(inner_state):  # what the inner optimizer would emit, as zeros
       return optax.tree.zeros_like(jax.eval_shape(
-          lambda s: inner.update(updates, s, params, **extra_args)[0], inner_state))
+          lambda s: inner.update(boxed, s, params, **extra_args)[0], inner_state))
 
     def accumulate(updates, state, params):
       acc = _buffers.to_compute(state.compressed_acc, compute)
@@ -133,7 +135,7 @@ def flora_accumulate(
       emit = state.mini_step >= k - 1
 
       def finish(acc, inner_state):
-        mean = optax.tree.cast_like(_buffers.decompress(acc, draws), updates)
+        mean = rebox(optax.tree.cast_like(_buffers.decompress(acc, draws), updates))
         out, inner_state = inner.update(mean, inner_state, params, **extra_args)
         return out, inner_state, _buffers.zeros_like(acc)
 

@@ -180,6 +180,7 @@ def scale_by_flora_adam(
 
   def update_fn(updates, state, params=None):
     del params
+    updates, rebox = _layout.unbox(updates)
     count = optax.safe_increment(state.count)
     nu = jax.tree.map(lambda v, g: _nu_update(g, v, b2), state.nu, updates, is_leaf=_is_factored)
     denom = jax.tree.map(lambda v: jnp.sqrt(_nu_full(v) / (1 - b2**count) + eps_root) + eps, nu,
@@ -194,7 +195,7 @@ def scale_by_flora_adam(
     out = _buffers.map_leaves(
         lambda buf, m, d: m / (1 - b1**count) if divide_first(buf) else m / (1 - b1**count) / d,
         buffers, mu, denom)
-    return optax.tree.cast_like(out, updates), ScaleByFloraAdamState(count, mu_state, nu)
+    return rebox(optax.tree.cast_like(out, updates)), ScaleByFloraAdamState(count, mu_state, nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flora_optax import _buffers, _options
+from flora_optax import _buffers, _layout, _options
 
 TRANSFERS = ("auto", "unbiased", "least_squares")
 EMITS = ("compressed", "exact_gradient", "residual")
@@ -151,6 +151,7 @@ def flora_momentum(
 
   def update_fn(updates, state, params=None):
     del params
+    updates, rebox = _layout.unbox(updates)
     _buffers.check(updates, state.compressed_mu, "momentum")
     mu = _buffers.to_compute(state.compressed_mu, compute)
     resample = jnp.asarray(False) if kappa is None else state.cycle_step >= kappa
@@ -173,7 +174,7 @@ def flora_momentum(
                   else None)
       out = _buffers.decompress(new_mu, draws, residual)
     cycle_step = jnp.where(resample, 1, optax.safe_increment(state.cycle_step))
-    return optax.tree.cast_like(out, updates), FloraMomentumState(
+    return rebox(optax.tree.cast_like(out, updates)), FloraMomentumState(
         count=optax.safe_increment(state.count), cycle=cycle, cycle_step=cycle_step,
         key_data=state.key_data, kappa=state.kappa,
         compressed_mu=_buffers.store(new_mu, state.compressed_mu, state.key_data, impl, cycle,

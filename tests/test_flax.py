@@ -255,3 +255,23 @@ def test_linen_masked_out_equals_optax(reference):
   # Nothing was compressed: the momentum buffers have the parameters' shapes.
   assert (jax.tree.map(np.shape, find_momentum(state_f.opt_state).compressed_mu)
           == jax.tree.map(np.shape, state_f.params))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: flora_optax.flora_momentum(RANK, 0.9, 3),
+    lambda: flora_optax.flora_adafactor(LR, RANK, kappa=3),
+    lambda: flora_optax.flora_adamw(LR, RANK, kappa=3),
+    lambda: flora_optax.flora_accumulate(optax.adamw(LR), 2, RANK),
+], ids=["momentum", "adafactor", "adamw", "accumulate"])
+def test_boxed_nnx_states_as_params_and_updates(make):
+  """Boxed trees (nnx.State of nnx.Param, as `nnx.state(model, nnx.Param)` gives) passed to
+  both init and update, as a hand-written NNX loop does: updates keep the boxed structure."""
+  model = DenseNNX(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  tx = make()
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for _ in range(4):
+    updates, state = step(params, state, params)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(updates))
