@@ -227,12 +227,13 @@ class HloCosts:
                    if r in self.comps)
     return seen
 
-  def inner_op_names(self, inst) -> str:
-    """The op names of `inst` and of everything it calls, joined (for classification)."""
-    names = [inst["op_name"]]
+  def inner(self, inst) -> tuple[str, set[str]]:
+    """The op names (joined) and the opcodes of `inst` and of everything it calls."""
+    names, ops = [inst["op_name"]], {inst["op"]}
     for comp in self.reachable(self.called(inst)):
       names += [i["op_name"] for i in self.comps[comp]["insts"]]
-    return " ".join(names)
+      ops |= {i["op"] for i in self.comps[comp]["insts"]}
+    return " ".join(names), ops
 
   def price(self, comp: str, inst: dict) -> tuple[float, float]:
     shapes = {i["name"]: i["shape"] for i in self.comps[comp]["insts"]}
@@ -257,7 +258,7 @@ class HloCosts:
         continue
       flops, nbytes = self.price(comp, inst)
       out.append({"inst": inst, "flops": flops, "bytes": nbytes,
-                  "bucket": classify(inst, self.inner_op_names(inst))})
+                  "bucket": classify(inst, *self.inner(inst))})
     return out
 
   def branches(self, inst) -> list[str]:
@@ -276,8 +277,9 @@ TRANSFER_SPECS = ("...nr,...sr->...ns", "...sr,...rm->...sm", "...sd,...rd->...s
                   "...sd,...td->...st", "...Nk,...kj->...Nj", "...kM,...jM->...kj",
                   "...lk,...kM->...lM")
 RNG_MARKS = ("threefry", "_normal", "_uniform", "erf_inv", "random_bits", "leaf_key",
-             "rademacher", "_dct_rows", "argsort", "sort", "cos", "householder", "qr",
-             "random_wrap", "random_unwrap", "random_fold_in", "random_split", "vmap()")
+             "rademacher", "_dct_rows", "argsort", "sort", "cos", "random_wrap",
+             "random_unwrap", "random_fold_in", "random_split", "draw")
+LINALG_MARKS = ("jit(qr)", "householder", "solve", "/lu", "triangular")
 
 BUCKETS = (
     "resample / finish cond (priced at its dearest branch)",
@@ -286,31 +288,36 @@ BUCKETS = (
     "residual and two-sided extra matmuls, QR, solves",
     "transfer matmuls and solves (resample)",
     "projection draws fused into each per-leaf slice of the stacked draw",
-    "projection draws (RNG, QR, DCT)",
+    "projection draws (RNG, orthogonal QR, DCT)",
     "casts (convert)",
     "copies and transposes",
     "optimizer arithmetic (elementwise, reductions, apply_updates)",
 )
 
 
-def classify(inst: dict, inner: str) -> str:
-  name = inst["op_name"]
+def classify(inst: dict, inner: str, ops: set[str]) -> str:
+  """The bucket of an instruction, from its op names (JAX's ``op_name`` metadata, which
+  names the einsum of a matmul) and the opcodes of what it fuses."""
+  name, in_branch = inst["op_name"], "cond/branch_1_fun" in inst["op_name"]
   if inst["op"] == "conditional":
     return BUCKETS[0]
+  drawing = any(m in name for m in RNG_MARKS) or (  # batched draws run under vmap; solves too
+      "vmap(" in name and "solve" not in name and "/lu" not in name)
   specs = re.findall(r"([\w.]+,[\w.]+->[\w.]+)/dot_general", inner)
-  if specs:
-    if any(s in TRANSFER_SPECS for s in specs) or "cond/branch_1_fun" in name and "solve" in inner:
+  if specs or "dot" in ops:
+    if any(s in TRANSFER_SPECS for s in specs) or (in_branch and "solve" in inner):
       return BUCKETS[4]
-    if all(s in DOWN_SPECS for s in specs):
+    if specs and all(s in DOWN_SPECS for s in specs):
       return BUCKETS[1]
-    if all(s in UP_SPECS for s in specs):
+    if specs and all(s in UP_SPECS for s in specs):
       return BUCKETS[2]
-    return BUCKETS[3]
-  if "solve" in name or "/lu" in name or "triangular" in name:
-    return BUCKETS[4] if "cond/branch" in name else BUCKETS[3]
-  if re.search(r"/slice$", name) and "fold_in" not in name and any(m in inner for m in RNG_MARKS):
-    return BUCKETS[5]
-  if any(m in name for m in RNG_MARKS) or inst["op"] == "while":
+    return BUCKETS[6] if drawing and not specs else BUCKETS[3]
+  if (re.search(r"/slice$", name) and "fold_in" not in name
+      and ops - {"slice", "bitcast", "parameter", "fusion", "reshape", "copy", "constant"}):
+    return BUCKETS[5]  # x[j] of a stacked draw, with (part of) the draw fused into it
+  if any(m in name for m in LINALG_MARKS) and not drawing:
+    return BUCKETS[4] if in_branch and "solve" in name else BUCKETS[3]
+  if drawing or inst["op"] == "while":
     return BUCKETS[6]
   if inst["op"] in ("copy", "transpose") or name.endswith("transpose"):
     return BUCKETS[8]
