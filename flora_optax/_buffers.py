@@ -212,14 +212,3 @@ def store(values, like, key_data, prng_impl: str, *steps):
 
 def any_compressed(buffers) -> bool:
   return any(is_compressed(x) for x in nodes(buffers))
-
-
-def first_spec(buffers) -> dict | None:
-  for x in nodes(buffers):
-    if is_compressed(x):
-      return x.options
-  return None
-
-
-def leaf_dtype(buf) -> np.dtype:
-  return np.dtype(buf.leaf.dtype)
