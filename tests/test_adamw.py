@@ -59,8 +59,10 @@ def test_matches_a_float64_reference(first_moment, second_moment, rng):
     update = (a.T @ m) / (1 - b1**t)
     if first_moment == "raw":
       update = update / denom
-    np.testing.assert_allclose(ours[t - 1]["w"], -lr * update, rtol=2e-4, atol=1e-6 * lr,
-                               err_msg=f"step {t}")
+    # float32 against float64: entries that cancel to near zero (or sit above a tiny nu)
+    # carry an absolute error of a few ulps of the largest entry, as in the other references.
+    np.testing.assert_allclose(ours[t - 1]["w"], -lr * update, rtol=2e-4,
+                               atol=2e-4 * lr * np.abs(update).max(), err_msg=f"step {t}")
 
 
 def test_state_sizes():
