@@ -8,7 +8,6 @@ only.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax

@@ -95,13 +95,13 @@ def flora_adafactor(
     raise ValueError("should_skip_update_fn only applies with accumulation; wrap the optimizer "
                      "in optax.apply_if_finite to skip non-finite steps instead")
   accumulate_rank = momentum_options.pop("accumulate_rank", None)
+  compression = {k: v for k, v in momentum_options.items() if k not in ("transfer", "emit")}
   flora_mu = None
   if momentum is not None:
     _options.check_decay(momentum, "momentum")
     flora_mu = flora_momentum(rank, momentum, kappa, seed, **momentum_options)
   else:
-    _options.compression_from(
-        {k: v for k, v in momentum_options.items() if k not in ("transfer", "emit")}, rank)
+    _options.compression_from(compression, rank)
   if min_dim_size_to_factor is None:  # optax.adafactor's default; None keeps it out of
     min_dim_size_to_factor = 128      # inject_hyperparams' numeric hyperparameters
   chain = [optax.scale_by_factored_rms(factored, decay_rate, decay_offset,
@@ -122,7 +122,6 @@ def flora_adafactor(
   tx = optax.chain(*chain)
   if accumulate_every is None:
     return tx
-  compression = {k: v for k, v in momentum_options.items() if k not in ("transfer", "emit")}
   return _deprecated_accumulate(tx, accumulate_every, accumulate_rank or rank, seed,
                                 should_skip, compression)
 
