@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -141,13 +141,30 @@ class _NoDraw:
 # ----------------------------------------------------------------------------- linear maps
 
 
-def compress(buffers, updates, draws, compute_dtype):
-  """Each update leaf in its buffer's form: compressed, or cast to the compute dtype."""
-  def one(buf, g, d):
+class Scaled(NamedTuple):
+  """A compressed leaf's update given as ``diag(rows) · x · diag(cols)`` (matrix view; a
+  ``None`` scale is all ones), compressed without forming the product."""
+
+  x: jax.Array
+  rows: jax.Array | None
+  cols: jax.Array | None
+
+
+def compress(buffers, updates, draws, compute_dtype, scaled=None):
+  """Each update leaf in its buffer's form: compressed, or cast to the compute dtype.
+
+  `scaled`, if given, is a tree like the buffers holding a :class:`Scaled` for some
+  compressed leaves (``None`` elsewhere); those leaves are compressed from it, and their
+  entry in `updates` is not read (so XLA drops what only computed it)."""
+  if scaled is None:
+    scaled = map_leaves(lambda _: None, buffers)
+
+  def one(buf, g, d, s):
     if is_compressed(buf):
-      return dataclasses.replace(buf, parts=buf.sketch.compress(g, d.arrays, buf.leaf))
+      x, scale = (g, None) if s is None else (s.x, (s.rows, s.cols))
+      return dataclasses.replace(buf, parts=buf.sketch.compress(x, d.arrays, buf.leaf, scale))
     return g.astype(jnp.promote_types(compute_dtype, g.dtype))
-  return map_leaves(one, buffers, updates, draws)
+  return map_leaves(one, buffers, updates, draws, scaled)
 
 
 def decompress(buffers, draws, residual=None):

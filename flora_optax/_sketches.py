@@ -36,6 +36,10 @@ class Sketch(abc.ABC):
   compute_dtype: Any
   precision: Any
 
+  # Whether compress(x, scale=...) is cheaper than compressing the scaled leaf; transforms
+  # pass a scale only where it is (flora_adafactor's folded preconditioner).
+  scales_cheaply = False
+
   @abc.abstractmethod
   def fits(self, n: int, m: int, side: str) -> tuple[bool, str]:
     """Whether a ``rank`` buffer of an ``n × m`` matrix is smaller than it (and why not)."""
@@ -57,8 +61,13 @@ class Sketch(abc.ABC):
     """The random matrices of a leaf for one key (one cycle)."""
 
   @abc.abstractmethod
-  def compress(self, x, draws, leaf: LeafLayout) -> dict[str, jax.Array]:
-    """A full-size leaf to its buffers (linear in `x`)."""
+  def compress(self, x, draws, leaf: LeafLayout, scale=None) -> dict[str, jax.Array]:
+    """A full-size leaf to its buffers (linear in `x`).
+
+    `scale`, if given, is a pair of vectors ``(rows, cols)`` of shapes ``(*batch, n)`` and
+    ``(*batch, m)``: the buffers of ``diag(rows) · X · diag(cols)`` (matrix view), computed
+    with the scales moved onto the small matrices so the scaled leaf is never formed.
+    """
 
   @abc.abstractmethod
   def decompress(self, parts, draws, leaf: LeafLayout, residual=None) -> jax.Array:
@@ -75,6 +84,8 @@ class Sketch(abc.ABC):
 
 class RandomProjection(Sketch):
   """The paper's one-sided projection ``A`` of shape ``(*batch, rank, d)``."""
+
+  scales_cheaply = True
 
   def fits(self, n, m, side):
     d = m if side == "cols" else n
@@ -98,11 +109,21 @@ class RandomProjection(Sketch):
     return {"a": make_projection(key, self.draw_shapes(leaf)["a"], self.projection,
                                  self.compute_dtype)}
 
-  def compress(self, x, draws, leaf):
-    x = leaf.to_matrix(x)
+  def _split(self, scale, leaf, dtype):
+    """``(projected, kept)``: the scale along the axis ``A`` projects, and the other."""
+    rows, cols = _scales(scale, dtype)
+    return (cols, rows) if leaf.side == "cols" else (rows, cols)
+
+  def compress(self, x, draws, leaf, scale=None):
+    x, a = leaf.to_matrix(x), draws["a"]
+    projected, kept = self._split(scale, leaf, a.dtype)
+    if projected is not None:  # diag(p) X Aᵀ... = X (A diag(p))ᵀ: the scale moves onto A
+      a = a * projected[..., None, :]
     if leaf.side == "cols":
-      return {"c": self._mm("...nm,...rm->...nr", x, draws["a"])}
-    return {"c": self._mm("...rn,...nm->...rm", draws["a"], x)}
+      c = self._mm("...nm,...rm->...nr", x, a)
+      return {"c": c if kept is None else c * kept[..., :, None]}
+    c = self._mm("...rn,...nm->...rm", a, x)
+    return {"c": c if kept is None else c * kept[..., None, :]}
 
   def decompress(self, parts, draws, leaf, residual=None):
     c, a = parts["c"], draws["a"]
@@ -188,7 +209,12 @@ class TwoSided(Sketch):
   def _from(self, x, leaf):
     return leaf.from_matrix(x if self._oriented(leaf) else jnp.swapaxes(x, -1, -2))
 
-  def compress(self, x, draws, leaf):
+  def compress(self, x, draws, leaf, scale=None):
+    # A scale would have to go onto Ω and Ψ, which the decompression also reads unscaled:
+    # XLA then recomputes the larger draws for each reader, which costs more than it saves
+    # (benchmarks/cost_model.py), so the scaled leaf is formed here.
+    if scale is not None:
+      x = leaf.from_matrix(_apply_scales(leaf.to_matrix(x), scale))
     x = self._to(x, leaf)
     return {"range": self._mm("...NM,...kM->...Nk", x, draws["omega"]),
             "corange": self._mm("...lN,...NM->...lM", draws["psi"], x)}
@@ -216,6 +242,19 @@ class TwoSided(Sketch):
                               self._mm("...kM,...jM->...kj", b, new["omega"])),
             "corange": self._mm("...lk,...kM->...lM",
                                 self._mm("...lN,...Nk->...lk", new["psi"], q), b)}
+
+
+def _scales(scale, dtype):
+  if scale is None:
+    return None, None
+  return tuple(None if v is None else v.astype(dtype) for v in scale)
+
+
+def _apply_scales(x, scale):
+  """``diag(rows) · x · diag(cols)`` for a matrix view `x` and ``scale = (rows, cols)``."""
+  rows, cols = _scales(scale, x.dtype)
+  x = x if rows is None else x * rows[..., :, None]
+  return x if cols is None else x * cols[..., None, :]
 
 
 SKETCH_CLASSES = {"projection": RandomProjection, "two_sided": TwoSided}

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flora_optax import _buffers, _layout, _options
+from flora_optax import _buffers, _factored, _layout, _options
 from flora_optax.accumulation import _deprecated_accumulate
-from flora_optax.momentum import flora_momentum
+from flora_optax.momentum import flora_momentum, momentum_parts
 
 MOMENTUM_POSITIONS = ("after_factored_rms", "after_param_scale")
 SECOND_MOMENTS = ("full", "factored")
@@ -96,12 +96,21 @@ def flora_adafactor(
                      "in optax.apply_if_finite to skip non-finite steps instead")
   accumulate_rank = momentum_options.pop("accumulate_rank", None)
   compression = {k: v for k, v in momentum_options.items() if k not in ("transfer", "emit")}
-  flora_mu = None
+  flora_mu = step = None
+  emit = momentum_options.get("emit", "compressed")
   if momentum is not None:
     _options.check_decay(momentum, "momentum")
-    flora_mu = flora_momentum(rank, momentum, kappa, seed, **momentum_options)
+    init_mu, step = momentum_parts(rank, momentum, kappa, seed,
+                                   momentum_options.get("transfer", "least_squares"), emit,
+                                   compression)
+    flora_mu = optax.GradientTransformation(init_mu, lambda u, s, p=None: step(u, s))
   else:
     _options.compression_from(compression, rank)
+    unused = sorted(momentum_options if accumulate_every is None else
+                    set(momentum_options) & {"transfer", "emit"})
+    if unused:
+      raise ValueError(f"flora_adafactor(momentum=None) has no compressed momentum, so "
+                       f"{', '.join(unused)} would do nothing; drop them (or set a momentum)")
   if min_dim_size_to_factor is None:  # optax.adafactor's default; None keeps it out of
     min_dim_size_to_factor = 128      # inject_hyperparams' numeric hyperparameters
   chain = [optax.scale_by_factored_rms(factored, decay_rate, decay_offset,
@@ -120,6 +129,10 @@ def flora_adafactor(
     chain.append(optax.add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
   chain.append(optax.scale(-1))
   tx = optax.chain(*chain)
+  if step is not None and momentum_position == "after_factored_rms" and emit == "compressed":
+    tx = _factored.fold_factored_momentum(
+        chain[0], step, optax.chain(*chain[2:]), tx.init, factored=factored,
+        min_dim_size_to_factor=min_dim_size_to_factor)
   if accumulate_every is None:
     return tx
   return _deprecated_accumulate(tx, accumulate_every, accumulate_rank or rank, seed,

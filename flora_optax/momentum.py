@@ -130,6 +130,19 @@ def flora_momentum(
     Hao, Cao, Mou, `Flora: Low-Rank Adapters Are Secretly Gradient Compressors
     <https://arxiv.org/abs/2402.03293>`_, ICML 2024.
   """
+  init_fn, step = momentum_parts(rank, decay, kappa, seed, transfer, emit, compression)
+  return optax.GradientTransformation(init_fn, lambda updates, state, params=None: step(
+      updates, state))
+
+
+def momentum_parts(rank, decay, kappa, seed, transfer, emit, compression):
+  """``(init_fn, step)`` of :func:`flora_momentum` (arguments checked here).
+
+  ``step(updates, state, scaled=None)`` is ``update``; `scaled` is a tree like the buffers
+  with a :class:`_buffers.Scaled` for compressed leaves whose update is a diagonally scaled
+  array (``flora_adafactor`` passes its factored preconditioner so); their `updates` entry
+  is then not read. Only with ``emit="compressed"``: the others need the update itself.
+  """
   options = _options.compression_from(compression, rank)
   _options.check_decay(decay)
   kappa = _options.check_kappa(kappa)
@@ -149,8 +162,9 @@ def flora_momentum(
         kappa=jnp.asarray(0 if kappa is None else kappa, jnp.int32),
         compressed_mu=_buffers.init(params, options, spec))
 
-  def update_fn(updates, state, params=None):
-    del params
+  def step(updates, state, scaled=None):
+    if scaled is not None and emit != "compressed":
+      raise ValueError(f"a scaled update needs emit='compressed', not {emit!r}")
     updates, rebox = _layout.unbox(updates)
     _buffers.check(updates, state.compressed_mu, "momentum")
     mu = _buffers.to_compute(state.compressed_mu, compute)
@@ -165,7 +179,7 @@ def flora_momentum(
                                       draws, how),
           lambda m: m, mu)
     new_mu = jax.tree.map(lambda m, c: (1 - decay) * c + decay * m, mu,
-                          _buffers.compress(mu, updates, draws, compute))
+                          _buffers.compress(mu, updates, draws, compute, scaled))
     if emit == "exact_gradient":
       out = jax.tree.map(lambda m, g: decay * m + (1 - decay) * g,
                          _buffers.decompress(mu, draws), updates)
@@ -180,7 +194,7 @@ def flora_momentum(
         compressed_mu=_buffers.store(new_mu, state.compressed_mu, state.key_data, impl, cycle,
                                      state.cycle_step))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return init_fn, step
 
 
 def resolve_transfer(transfer, decay, kappa, dim, rank):

@@ -132,3 +132,108 @@ def test_bad_options():
     flora_optax.flora_adafactor(1e-2, 0)
   with pytest.raises(TypeError, match="unknown option"):
     flora_optax.flora_adafactor(1e-2, 8, accumulate_rnak=4)
+
+
+# ------------------------------------------------ the factored preconditioner folded in
+
+
+def _chain_reference(rank, kappa, min_dim, factored=True, lr=1e-2, **options):
+  """flora_adafactor's default chain written out from its public pieces (no fold)."""
+  return optax.chain(
+      optax.scale_by_factored_rms(factored, 0.8, 0, min_dim, 1e-30),
+      flora_optax.flora_momentum(rank, 0.9, kappa, 0, **options),
+      optax.clip_by_block_rms(1.0), optax.scale_by_learning_rate(lr, flip_sign=False),
+      optax.scale_by_param_block_rms(), optax.scale(-1))
+
+
+def _factored_tree(rng, dtype=jnp.float32):
+  # Both dims of w and v reach min_dim_size_to_factor=24; t has 3 axes; b is a vector.
+  scales = {"w": (40, 1), "v": (1, 56), "t": (1, 1, 40), "b": (1,)}
+  shapes = {"w": (40, 56), "v": (72, 56), "t": (3, 32, 40), "b": (56,)}
+  return {k: jnp.asarray(rng.standard_normal(s) * rng.uniform(0.1, 5.0, scales[k]), dtype)
+          for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"projection": "orthogonal"}, {"projection": "rademacher"}, {"projection": "dct"},
+    {"side": "larger"}, {"side": "rows"}, {"side": "cols"}, {"transfer": "unbiased"},
+    {"mask": {"w": True, "v": False, "t": True, "b": False}},
+    {"axes": {"w": flora_optax.MatrixAxes(rows=1, cols=0), "v": None, "b": None,
+              "t": flora_optax.MatrixAxes(batch=0, rows=2, cols=1)}}, {"sketch": "two_sided"},
+    {"emit": "residual"}, {"dtype": "bfloat16"}])
+def test_folded_preconditioner_matches_the_plain_chain(options, rng):
+  """flora_adafactor compresses diag(a)·G·diag(b) without forming it; the chain that forms
+  it (optax's scale_by_factored_rms, then flora_momentum) must give the same updates, the
+  same state structure and the same state, through resamples (kappa=3)."""
+  params = _factored_tree(rng)
+  grads = [_factored_tree(rng) for _ in range(7)]
+  ours_tx = flora_optax.flora_adafactor(1e-2, 8, kappa=3, min_dim_size_to_factor=24, **options)
+  ref_tx = _chain_reference(8, 3, 24, **options)
+  ours, ours_state = trajectory(ours_tx, params, grads)
+  ref, ref_state = trajectory(ref_tx, params, grads)
+  assert jax.tree.structure(ours_state) == jax.tree.structure(ref_state)
+  # bf16 buffers: a rounding-level difference before the stochastic rounding may flip it.
+  tol = 2e-2 if options.get("dtype") == "bfloat16" else 1e-5
+  for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=tol * float(jnp.max(jnp.abs(y))))
+  for x, y in zip(jax.tree.leaves(ours_state), jax.tree.leaves(ref_state)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    np.testing.assert_allclose(x, y, rtol=0, atol=tol * max(1e-30, float(np.max(np.abs(y)))))
+
+
+@pytest.mark.parametrize("kwargs", [{"factored": False}, {"min_dim_size_to_factor": 4096},
+                                    {"momentum_position": "after_param_scale"}])
+def test_unfolded_configurations_match_the_plain_chain(kwargs, rng):
+  params = _factored_tree(rng)
+  grads = [_factored_tree(rng) for _ in range(4)]
+  min_dim = kwargs.get("min_dim_size_to_factor", 24)
+  ours_tx = flora_optax.flora_adafactor(1e-2, 8, kappa=2, **{"min_dim_size_to_factor": 24,
+                                                                **kwargs})
+  if "momentum_position" in kwargs:
+    ref_tx = optax.chain(optax.scale_by_factored_rms(True, 0.8, 0, 24, 1e-30),
+                         optax.clip_by_block_rms(1.0),
+                         optax.scale_by_learning_rate(1e-2, flip_sign=False),
+                         optax.scale_by_param_block_rms(),
+                         flora_optax.flora_momentum(8, 0.9, 2, 0), optax.scale(-1))
+  else:
+    ref_tx = _chain_reference(8, 2, min_dim, factored=kwargs.get("factored", True))
+  ours, _ = trajectory(ours_tx, params, grads)
+  ref, _ = trajectory(ref_tx, params, grads)
+  _assert_same(ours, ref)
+
+
+def test_folded_preconditioner_with_bfloat16_params(rng):
+  """bf16 leaves: the plain chain rounds diag(a)·G·diag(b) to bf16 before compressing, the
+  fold compresses it in float32; the two agree to bf16 precision."""
+  params = _factored_tree(rng, jnp.bfloat16)
+  grads = [_factored_tree(rng, jnp.bfloat16) for _ in range(3)]
+  ours, _ = trajectory(flora_optax.flora_adafactor(1e-2, 8, min_dim_size_to_factor=24),
+                       params, grads)
+  ref, _ = trajectory(_chain_reference(8, 1000, 24), params, grads)
+  for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    assert x.dtype == y.dtype
+    np.testing.assert_allclose(x, y, rtol=0, atol=3e-2 * float(np.max(np.abs(y))))
+
+
+def test_folded_preconditioner_under_inject_hyperparams(rng):
+  params = _factored_tree(rng)
+  grads = [_factored_tree(rng) for _ in range(3)]
+  factory = optax.inject_hyperparams(flora_optax.flora_adafactor,
+                                     static_args=("rank", "kappa", "min_dim_size_to_factor"))
+  tx = factory(learning_rate=1e-2, rank=8, momentum=0.9, kappa=2, decay_rate=0.7,
+               min_dim_size_to_factor=24)
+  ours, _ = trajectory(tx, params, grads)
+  plain, _ = trajectory(flora_optax.flora_adafactor(1e-2, 8, kappa=2, decay_rate=0.7,
+                                                    min_dim_size_to_factor=24), params, grads)
+  _assert_same(ours, plain)
+
+
+def test_momentum_options_without_momentum_are_refused():
+  with pytest.raises(ValueError, match="emit would do nothing"):
+    flora_optax.flora_adafactor(1e-2, 8, momentum=None, emit="residual")
+  with pytest.raises(ValueError, match="side, transfer would do nothing"):
+    flora_optax.flora_adafactor(1e-2, 8, momentum=None, transfer="unbiased", side="larger")
+  # With the deprecated accumulation the compression options still apply to it.
+  with pytest.warns(DeprecationWarning):
+    flora_optax.flora_adafactor(1e-2, 8, momentum=None, accumulate_every=2, side="larger")

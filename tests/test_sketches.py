@@ -201,3 +201,33 @@ def test_two_sided_runs_jitted_without_retrace(dtype, rng):
   assert step._cache_size() == 1
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((out, state)))
   assert state[0].compressed_mu["tall"].parts["range"].dtype == jnp.dtype(dtype)
+
+
+@pytest.mark.parametrize("sketch", ["projection", "two_sided"])
+@pytest.mark.parametrize("side", ["smaller", "larger"])
+def test_compress_with_a_scale_is_compress_of_the_scaled_leaf(sketch, side, rng):
+  """compress(X, scale=(a, b)) == compress(diag(a) X diag(b)) on every leaf's matrix view (a
+  stack included), in float64 NumPy; either scale may be absent."""
+  if sketch == "two_sided" and side != "smaller":
+    pytest.skip("the two-sided sketch has no side")
+  state = flora_optax.flora_momentum(RANK, sketch=sketch, side=side, axes=AXES).init(PARAMS)
+  for name, p in PARAMS.items():
+    node = state.compressed_mu[name]
+    if p.ndim == 1:
+      continue
+    leaf, sk = node.leaf, node.sketch
+    draws = sk.draw(jax.random.key(3), leaf)
+    x = jnp.asarray(rng.standard_normal(p.shape), jnp.float32)
+    rows = jnp.asarray(rng.uniform(0.1, 4.0, leaf.batch_shape + (leaf.n,)), jnp.float32)
+    cols = jnp.asarray(rng.uniform(0.1, 4.0, leaf.batch_shape + (leaf.m,)), jnp.float32)
+    for scale in ((rows, cols), (rows, None), (None, cols)):
+      view = np.asarray(leaf.to_matrix(x), np.float64)
+      if scale[0] is not None:
+        view = view * np.asarray(rows)[..., :, None]
+      if scale[1] is not None:
+        view = view * np.asarray(cols)[..., None, :]
+      want = sk.compress(leaf.from_matrix(jnp.asarray(view, jnp.float32)), draws, leaf)
+      got = sk.compress(x, draws, leaf, scale)
+      for part in want:
+        np.testing.assert_allclose(got[part], want[part], rtol=0,
+                                   atol=1e-5 * float(jnp.max(jnp.abs(want[part]))))
