@@ -403,6 +403,8 @@ def configs() -> list[Config]:
              "adafactor", 1, 1, variant=True),
       Config("flora_adafactor projection=rademacher",
              lambda r: fa(LR, r, projection="rademacher"), "adafactor", 1, 1, variant=True),
+      Config("flora_adafactor prng_impl=rbg", lambda r: fa(LR, r, prng_impl="rbg"),
+             "adafactor", 1, 1, variant=True),
       Config("flora_adafactor sketch=two_sided", lambda r: fa(LR, r, sketch="two_sided"),
              "adafactor", 1, 1, variant=True),
       Config("flora_adafactor emit=residual", lambda r: fa(LR, r, emit="residual"),

@@ -275,3 +275,21 @@ def test_boxed_nnx_states_as_params_and_updates(make):
     updates, state = step(params, state, params)
   assert jax.tree.structure(updates) == jax.tree.structure(params)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(updates))
+
+
+def test_nnx_optimizer_with_the_folded_preconditioner_equals_the_plain_chain():
+  """nnx.Optimizer on boxed parameters whose kernels are factored (min_dim_size_to_factor=8):
+  flora_adafactor's folded preconditioner against the chain that forms the scaled update."""
+  plain = optax.chain(optax.scale_by_factored_rms(True, 0.8, 0, 8, 1e-30),
+                      flora_optax.flora_momentum(RANK, 0.9, 5, 0, mask=kernels_only),
+                      optax.clip_by_block_rms(1.0),
+                      optax.scale_by_learning_rate(LR, flip_sign=False),
+                      optax.scale_by_param_block_rms(), optax.scale(-1))
+  folded = flora_optax.flora_adafactor(LR, RANK, kappa=5, mask=kernels_only,
+                                       min_dim_size_to_factor=8)
+  (m1, _, l1), (m2, _, l2) = (train_nnx("dense", tx, 12) for tx in (folded, plain))
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(nnx.state(m1, nnx.Param)),
+                  jax.tree.leaves(nnx.state(m2, nnx.Param))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert l1[-1] < l1[0]
