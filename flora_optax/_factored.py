@@ -9,8 +9,10 @@ formed: per step, one write and one read of a full-size array fewer (docs/benchm
 
 The second-moment statistics are optax's own: its transform updates them, and only the two
 scale vectors are derived here from its new state, with its formula. Leaves this does not
-cover take optax's ``U`` as before: not compressed, not factored, more than two axes, or a
-sketch whose ``scales_cheaply`` is false (the two-sided sketch: its decompression reads its
+cover take optax's ``U`` as before: not compressed, not factored, more than two axes, a
+gradient in another dtype than the sketch computes in (bf16 parameters: the matmul would read a
+converted copy, a full-size pass that applies the scales at no extra cost), or a sketch whose
+``scales_cheaply`` is false (the two-sided sketch: its decompression reads its
 random matrices unscaled, and XLA then recomputes the larger draws for each reader, which
 cost more than ``U`` saves; benchmarks/cost_model.py measured it).
 """
@@ -44,6 +46,8 @@ def _scaled(node, grad, v_row, v_col, factored, min_dim_size_to_factor):
   """A :class:`_buffers.Scaled` for a compressed 2-d factored leaf, else ``None``."""
   if not _buffers.is_compressed(node) or not node.sketch.scales_cheaply:
     return None
+  if jnp.dtype(grad.dtype) != jnp.dtype(node.sketch.compute_dtype):
+    return None  # converting the gradient is a full-size pass anyway, and it scales for free
   leaf = node.leaf
   axes = factored_axes(leaf.shape, factored, min_dim_size_to_factor)
   if axes is None or len(leaf.shape) != 2 or leaf.batch_axes:

@@ -202,18 +202,19 @@ def test_unfolded_configurations_match_the_plain_chain(kwargs, rng):
   _assert_same(ours, ref)
 
 
-def test_folded_preconditioner_with_bfloat16_params(rng):
-  """bf16 leaves: the plain chain rounds diag(a)·G·diag(b) to bf16 before compressing, the
-  fold compresses it in float32; the two agree to bf16 precision."""
+def test_bfloat16_params_are_not_folded(rng):
+  """bf16 leaves: the matmul would read a float32 copy of the gradient (a full-size pass that
+  applies the scales for free), so flora_adafactor forms the scaled update as the plain chain
+  does, and matches it to float rounding."""
   params = _factored_tree(rng, jnp.bfloat16)
   grads = [_factored_tree(rng, jnp.bfloat16) for _ in range(3)]
   ours, _ = trajectory(flora_optax.flora_adafactor(1e-2, 8, min_dim_size_to_factor=24),
                        params, grads)
   ref, _ = trajectory(_chain_reference(8, 1000, 24), params, grads)
   for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    assert x.dtype == y.dtype == jnp.bfloat16
     x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
-    assert x.dtype == y.dtype
-    np.testing.assert_allclose(x, y, rtol=0, atol=3e-2 * float(np.max(np.abs(y))))
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-6 * float(np.max(np.abs(y))))
 
 
 def test_folded_preconditioner_under_inject_hyperparams(rng):
