@@ -97,12 +97,9 @@ def flora_adafactor(
   accumulate_rank = momentum_options.pop("accumulate_rank", None)
   compression = {k: v for k, v in momentum_options.items() if k not in ("transfer", "emit")}
   flora_mu = step = None
-  emit = momentum_options.get("emit", "compressed")
   if momentum is not None:
     _options.check_decay(momentum, "momentum")
-    init_mu, step = momentum_parts(rank, momentum, kappa, seed,
-                                   momentum_options.get("transfer", "least_squares"), emit,
-                                   compression)
+    init_mu, step = momentum_parts(rank, momentum, kappa, seed, **momentum_options)
     flora_mu = optax.GradientTransformation(init_mu, lambda u, s, p=None: step(u, s))
   else:
     _options.compression_from(compression, rank)
@@ -129,7 +126,7 @@ def flora_adafactor(
     chain.append(optax.add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
   chain.append(optax.scale(-1))
   tx = optax.chain(*chain)
-  if step is not None and momentum_position == "after_factored_rms" and emit == "compressed":
+  if step is not None and momentum_position == "after_factored_rms":
     tx = _factored.fold_factored_momentum(
         chain[0], step, optax.chain(*chain[2:]), tx.init, factored=factored,
         min_dim_size_to_factor=min_dim_size_to_factor)

@@ -130,18 +130,21 @@ def flora_momentum(
     Hao, Cao, Mou, `Flora: Low-Rank Adapters Are Secretly Gradient Compressors
     <https://arxiv.org/abs/2402.03293>`_, ICML 2024.
   """
-  init_fn, step = momentum_parts(rank, decay, kappa, seed, transfer, emit, compression)
+  init_fn, step = momentum_parts(rank, decay, kappa, seed, transfer=transfer, emit=emit,
+                                 **compression)
   return optax.GradientTransformation(init_fn, lambda updates, state, params=None: step(
       updates, state))
 
 
-def momentum_parts(rank, decay, kappa, seed, transfer, emit, compression):
-  """``(init_fn, step)`` of :func:`flora_momentum` (arguments checked here).
+def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="compressed",
+                   **compression):
+  """``(init_fn, step)`` of :func:`flora_momentum`, its arguments checked (same defaults).
 
   ``step(updates, state, scaled=None)`` is ``update``; `scaled` is a tree like the buffers
   with a :class:`_buffers.Scaled` for compressed leaves whose update is a diagonally scaled
-  array (``flora_adafactor`` passes its factored preconditioner so); their `updates` entry
-  is then not read. Only with ``emit="compressed"``: the others need the update itself.
+  array (``flora_adafactor`` passes its factored preconditioner so). With
+  ``emit="compressed"`` those leaves are compressed from it and their `updates` entry is not
+  read; the other emits need the update itself and ignore `scaled`.
   """
   options = _options.compression_from(compression, rank)
   _options.check_decay(decay)
@@ -163,8 +166,8 @@ def momentum_parts(rank, decay, kappa, seed, transfer, emit, compression):
         compressed_mu=_buffers.init(params, options, spec))
 
   def step(updates, state, scaled=None):
-    if scaled is not None and emit != "compressed":
-      raise ValueError(f"a scaled update needs emit='compressed', not {emit!r}")
+    if emit != "compressed":
+      scaled = None
     updates, rebox = _layout.unbox(updates)
     _buffers.check(updates, state.compressed_mu, "momentum")
     mu = _buffers.to_compute(state.compressed_mu, compute)
