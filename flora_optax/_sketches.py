@@ -244,6 +244,23 @@ class TwoSided(Sketch):
                                 self._mm("...lN,...Nk->...lk", new["psi"], q), b)}
 
 
+def solve_gram(gram, rhs):
+  """``(gram + λI)⁻¹ rhs`` for a batch of symmetric positive semi-definite ``(r, r)`` Gram
+  matrices; the one solve every method uses (transfers, residuals, factors).
+
+  A Gram matrix may be singular (a zero factor, rows of a Rademacher draw that repeat), and a
+  plain solve then returns inf or NaN into the state. ``λ`` is a small multiple of the mean
+  diagonal (plus the smallest normal number, so an all-zero Gram solves to zero)."""
+  r = gram.shape[-1]
+  mean_diag = jnp.trace(gram, axis1=-2, axis2=-1)[..., None, None] / r
+  lam = GRAM_RIDGE * mean_diag + jnp.finfo(gram.dtype).tiny
+  return jnp.linalg.solve(gram + lam * jnp.eye(r, dtype=gram.dtype), rhs)
+
+
+# Relative ridge of `solve_gram`.
+GRAM_RIDGE = 1e-6
+
+
 def _scales(scale, dtype):
   if scale is None:
     return None, None
