@@ -8,10 +8,10 @@ resamples them over time so the updates stay full-rank.
 Layers, bottom up: ``_layout`` (which leaves, which matrix views), ``_options`` (options,
 checks, keys), ``_sketches`` (the compression methods), ``_buffers`` (trees of compressed
 buffers: the one pipeline), the transforms (``momentum``, ``accumulation``,
-``microbatching``), ``alias`` (chains), and ``report``, ``sharding``, ``multihost``.
+``microbatching``, ``ema``), ``alias`` (chains), and ``report``, ``sharding``, ``multihost``.
 """
 
-from flora_optax._buffers import Compressed
+from flora_optax._buffers import INT8_BLOCK, Compressed, Int8Blocks
 from flora_optax._layout import MatrixAxes
 from flora_optax._options import Compression
 from flora_optax.accumulation import FloraAccumulateState, flora_accumulate, has_updated
@@ -22,6 +22,7 @@ from flora_optax.alias import (
     flora_adamw,
     scale_by_flora_adam,
 )
+from flora_optax.ema import Int8EmaState, int8_ema
 from flora_optax.microbatching import compressed_mean
 from flora_optax.momentum import FloraMomentumState, flora_momentum
 from flora_optax.multihost import check_processes_agree
@@ -36,6 +37,9 @@ __all__ = [
     "FactoredMoment",
     "FloraAccumulateState",
     "FloraMomentumState",
+    "INT8_BLOCK",
+    "Int8Blocks",
+    "Int8EmaState",
     "LeafMemory",
     "MatrixAxes",
     "MemoryReport",
@@ -47,6 +51,7 @@ __all__ = [
     "flora_adamw",
     "flora_momentum",
     "has_updated",
+    "int8_ema",
     "memory_report",
     "projections",
     "scale_by_flora_adam",

@@ -8,7 +8,10 @@ are not compressed are plain arrays with exactly ``optax``'s arithmetic.
 
 The transforms use whole-tree operations only: :func:`init`, :func:`check`,
 :func:`draw`, :func:`compress`, :func:`decompress`, :func:`transfer`, :func:`to_compute`,
-:func:`store`.
+:func:`store`. The storage format (float32, bfloat16, int8 with block scales) is the concern
+of :func:`init`, :func:`store` and :func:`to_compute` only: an int8 array is an
+:class:`Int8Blocks` node wherever a float array would be, and the arithmetic in between
+always sees float32.
 """
 
 from __future__ import annotations
@@ -54,21 +57,149 @@ def is_compressed(x) -> bool:
   return isinstance(x, Compressed)
 
 
+def _is_node(x) -> bool:
+  return isinstance(x, (Compressed, Int8Blocks))
+
+
 def map_leaves(fn, buffers, *rest):
-  """``jax.tree.map`` over a buffer tree, a :class:`Compressed` node counting as one leaf."""
-  return jax.tree.map(fn, buffers, *rest, is_leaf=is_compressed)
+  """``jax.tree.map`` over a buffer tree, a :class:`Compressed` node (or the
+  :class:`Int8Blocks` of a plain leaf) counting as one leaf."""
+  return jax.tree.map(fn, buffers, *rest, is_leaf=_is_node)
 
 
 def nodes(buffers) -> list:
-  return jax.tree.leaves(buffers, is_leaf=is_compressed)
+  return jax.tree.leaves(buffers, is_leaf=_is_node)
+
+
+# ----------------------------------------------------------------------------- int8 storage
+
+# Entries per int8 block along a buffer's last axis (a row shorter than this is one block).
+# Smaller blocks track outliers better, larger ones cost less scale memory (4 bytes per
+# block: 1.6% of the int8 bytes at 256, 0.2% at bitsandbytes' 2048). A Gaussian block's
+# absmax, which sets the rounding step, grows like sqrt(2 ln B): 256 gives a step 15% finer
+# than 2048 and within 13% of 64, whose scales would cost 6.3%. Projection buffers are
+# ``(n, rank)`` or ``(rank, m)``: with rank <= 256 a row of the first kind (the sketch of one
+# row of the gradient) is one block, so rows of very different norms never share a scale.
+# docs/howto/int8.md gives the measurement (benchmarks/int8_blocks.py).
+INT8_BLOCK = 256
+# Largest code: symmetric [-127, 127], so +x and -x round alike and 0 is exact.
+INT8_MAX = 127
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"],
+                   meta_fields=["block"])
+@dataclasses.dataclass(frozen=True)
+class Int8Blocks:
+  r"""An array stored as int8 codes with one float32 absmax scale per block.
+
+  The last axis (length ``L``) is cut into ``ceil(L / block)`` blocks of ``block`` entries
+  (the last one ragged); entry ``x`` of block ``b`` is stored as ``q = round(127 x / s_b)``
+  with ``s_b = max_{block b} |x|`` and read back as ``x̂ = q · s_b / 127``, so
+
+  .. math::  |x - \hat x| < s_b / 127 \ (\text{stochastic rounding}), \qquad
+             |x - \hat x| \le s_b / 254 \ (\text{nearest}).
+
+  An all-zero block has ``s_b = 0`` and reads back as zeros. A block holding a non-finite
+  value (NaN or ±inf) stores ``s_b = NaN`` and codes 0: it reads back as NaN in every entry,
+  so the problem stays visible (``optax.apply_if_finite`` and ``optax.skip_not_finite``
+  catch it), and no other block changes. Finite input never gives NaN or inf, up to
+  float32's largest value.
+
+  Attributes:
+    q: int8 codes, the logical shape ``(..., L)`` (no padding, so ``q`` shards like the
+      float buffer it replaces).
+    scale: float32 absmax of each block, shape ``(..., ceil(L / block))``.
+    block: static block size (:data:`INT8_BLOCK`).
+  """
+
+  q: jax.Array
+  scale: jax.Array
+  block: int = INT8_BLOCK
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.q.shape)
+
+  @property
+  def dtype(self):
+    return jnp.dtype(jnp.int8)
+
+  @classmethod
+  def zeros(cls, shape, block: int = INT8_BLOCK) -> "Int8Blocks":
+    shape = tuple(shape)
+    if not shape:
+      raise ValueError("int8 storage needs at least one axis (scalars stay float32)")
+    return cls(jnp.zeros(shape, jnp.int8),
+               jnp.zeros(shape[:-1] + (num_blocks(shape[-1], block),), jnp.float32), block)
+
+
+def is_int8(x) -> bool:
+  return isinstance(x, Int8Blocks)
+
+
+def num_blocks(length: int, block: int = INT8_BLOCK) -> int:
+  return max(1, -(-length // block))
+
+
+def _blocked(x, block):
+  """``(..., L)`` as ``(..., num_blocks, min(L, block))``, zero-padding a ragged last block."""
+  length = x.shape[-1]
+  if length <= block:
+    return x[..., None, :]
+  pad = num_blocks(length, block) * block - length
+  if pad:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+  return x.reshape(x.shape[:-1] + (-1, block))
+
+
+def _unblocked(x, length):
+  return x.reshape(x.shape[:-2] + (-1,))[..., :length]
+
+
+def quantize(x, key=None, block: int = INT8_BLOCK) -> Int8Blocks:
+  """`x` (at least one axis) as :class:`Int8Blocks`: rounded stochastically with the bits
+  of `key` (unbiased: ``E[dequantize(quantize(x, key))] = x``), or to nearest without."""
+  x = jnp.asarray(x, jnp.float32)
+  blocks = _blocked(x, block)
+  finite = jnp.isfinite(blocks)
+  bad = ~jnp.all(finite, axis=-1)
+  absmax = jnp.max(jnp.where(finite, jnp.abs(blocks), 0.0), axis=-1)
+  scale = jnp.where(bad, jnp.nan, absmax)
+  # x / absmax * 127, never 0/0 (an all-zero block) nor inf * 0; a block of huge values
+  # stays finite since |x| / absmax <= 1 comes first.
+  divisor = jnp.where(bad | (absmax == 0), 1.0, absmax)[..., None]
+  y = jnp.where(finite, blocks, 0.0) / divisor * INT8_MAX
+  if key is None:
+    y = jnp.round(y)
+  else:
+    # floor(y + u), u ~ U[0, 1): rounds up with probability equal to the fraction of y.
+    y = jnp.floor(y + _blocked(jax.random.uniform(key, x.shape, jnp.float32), block))
+  codes = jnp.where(bad[..., None], 0.0, jnp.clip(y, -INT8_MAX, INT8_MAX)).astype(jnp.int8)
+  return Int8Blocks(_unblocked(codes, x.shape[-1]), scale, block)
+
+
+def dequantize(stored: Int8Blocks, dtype=jnp.float32) -> jax.Array:
+  """The float array an :class:`Int8Blocks` stands for (``q · scale / 127``)."""
+  length = stored.q.shape[-1]
+  step = (stored.scale / INT8_MAX)[..., None]  # divided first: 127 * scale may overflow
+  values = _blocked(stored.q.astype(jnp.float32), stored.block) * step
+  return _unblocked(values, length).astype(dtype)
+
+
+def storage_zeros(shape, dtype):
+  """A zero buffer of `shape` stored in `dtype` (an :class:`Int8Blocks` for int8)."""
+  if jnp.dtype(dtype) == jnp.int8:
+    return Int8Blocks.zeros(shape)
+  return jnp.zeros(shape, dtype)
 
 
 # ----------------------------------------------------------------------------- build and check
 
 
 def init(params, options: _options.Compression, extra_spec=(), *, plain_dtype=None):
-  """Zero buffers for `params`. Plain (uncompressed) leaves are stored in ``plain_dtype`` if
-  given, else the storage dtype (complex leaves keep a complex buffer)."""
+  """Zero buffers for `params`. Plain (uncompressed) leaves are stored in ``plain_dtype(leaf)``
+  if given, else in ``options.plain_storage_dtype``; int8 applies to real floating leaves
+  with at least one axis only (the others keep float32; complex leaves a complex buffer)."""
   sketch = _sketches.make_sketch(options)
   layouts = _layout.plan_tree(params, rank=options.rank, mask=options.mask, axes=options.axes,
                               side=options.side, fits=sketch.fits)
@@ -76,11 +207,14 @@ def init(params, options: _options.Compression, extra_spec=(), *, plain_dtype=No
 
   def make(leaf, layout):
     if layout is None:
-      dtype = plain_dtype(leaf) if plain_dtype else options.dtype
+      dtype = jnp.dtype(plain_dtype(leaf) if plain_dtype else options.plain_storage_dtype)
+      real_float = jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+      if dtype == jnp.int8 and not (real_float and jnp.ndim(leaf)):
+        dtype = jnp.dtype(jnp.float32)
       if jnp.iscomplexobj(leaf):
         dtype = jnp.promote_types(dtype, jnp.result_type(leaf))
-      return jnp.zeros(jnp.shape(leaf), dtype)
-    parts = {name: jnp.zeros(shape, options.dtype)
+      return storage_zeros(jnp.shape(leaf), dtype)
+    parts = {name: storage_zeros(shape, options.dtype)
              for name, shape in sketch.buffer_shapes(layout).items()}
     return Compressed(parts, layout, sketch, spec)
 
@@ -91,14 +225,14 @@ def init(params, options: _options.Compression, extra_spec=(), *, plain_dtype=No
 def check(updates, buffers, what: str) -> None:
   """Raises an error naming the leaf when `updates` does not fit the buffers of a state."""
   up_def = jax.tree.structure(updates)
-  buf_def = jax.tree.structure(buffers, is_leaf=is_compressed)
+  buf_def = jax.tree.structure(buffers, is_leaf=_is_node)
   if up_def != buf_def:
     raise ValueError(f"the update tree does not match the {what} state: the state was built "
                      f"for {buf_def.num_leaves} leaves with structure {buf_def}, the updates "
                      f"have {_layout.describe(updates)}")
   for name, g, buf in zip(_layout.leaf_names(updates), jax.tree.leaves(updates),
                           nodes(buffers)):
-    want = buf.leaf.shape if is_compressed(buf) else tuple(jnp.shape(buf))
+    want = buf.leaf.shape if is_compressed(buf) else tuple(buf.shape)
     if tuple(jnp.shape(g)) != want:
       hint = (f" (compressed as {buf.leaf.n}x{buf.leaf.m} at rank {buf.leaf.rank})"
               if is_compressed(buf) else "")
@@ -192,8 +326,13 @@ def transfer(buffers, old, new, how):
 
 
 def to_compute(buffers, compute_dtype):
-  """Stored buffers as compute arrays (bfloat16 storage is widened to float32)."""
-  return jax.tree.map(lambda x: x.astype(jnp.promote_types(compute_dtype, x.dtype)), buffers)
+  """Stored buffers as compute arrays (bfloat16 storage is widened to float32, int8 blocks
+  are dequantized to float32)."""
+  def one(x):
+    if is_int8(x):
+      return dequantize(x, jnp.promote_types(compute_dtype, jnp.float32))
+    return x.astype(jnp.promote_types(compute_dtype, x.dtype))
+  return jax.tree.map(one, buffers, is_leaf=is_int8)
 
 
 def zeros_like(buffers):
@@ -204,15 +343,19 @@ def zeros_like(buffers):
 
 
 def store(values, like, key_data, prng_impl: str, *steps):
-  """`values` cast to the dtypes of the buffers `like`.
+  """`values` cast to the dtypes of the buffers `like` (int8: :func:`quantize`).
 
-  bfloat16 storage rounds stochastically (unbiased: ``E[store(x)] = x``): round-to-nearest
-  drops every EMA increment below half a bfloat16 ulp, and a bf16 EMA with decay 0.9 settled
-  3.9% short of its target that way (``tests/test_momentum.py`` measures both). The bits
-  come from the transform's key folded with a rounding tag, the array's path in the buffer
-  tree and the `steps` counters, so they never coincide with a projection's.
+  bfloat16 and int8 storage round stochastically (unbiased: ``E[store(x)] = x``):
+  round-to-nearest drops every EMA increment below half a step, and a bf16 EMA with decay
+  0.9 settled 3.9% short of its target that way (``tests/test_momentum.py`` measures both;
+  ``tests/test_int8.py`` the int8 one). The bits come from the transform's key folded with a
+  rounding tag, the array's path in the buffer tree and the `steps` counters, so they never
+  coincide with a projection's.
   """
   def one(path, x, ref):
+    if is_int8(ref):
+      key = _options.rounding_key(key_data, prng_impl, jax.tree_util.keystr(path), steps)
+      return quantize(x, key, ref.block)
     if x.dtype == ref.dtype:
       return x
     if ref.dtype != jnp.bfloat16 or x.dtype != jnp.float32:

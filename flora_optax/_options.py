@@ -20,13 +20,14 @@ SKETCHES = ("projection", "two_sided")
 PROJECTIONS = ("gaussian", "orthogonal", "rademacher", "dct")
 SIDES = ("smaller", "larger", "rows", "cols")
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
-STORAGE_DTYPES = ("float32", "bfloat16", "float64")
+STORAGE_DTYPES = ("float32", "bfloat16", "float64", "int8")
 
 # Domain tags folded into the base key, so that the transforms of one chain built with the
 # same seed (flora_momentum inside flora_accumulate) never draw the same random numbers.
 DOMAIN_MOMENTUM = 1
 DOMAIN_ACCUMULATE = 2
 DOMAIN_MICROBATCH = 3
+DOMAIN_EMA = 4
 # Folded in where a leaf's key id would go, to draw stochastic-rounding bits; key ids are
 # below 2**31 (`_layout.key_id`), so no leaf's projection key can equal a rounding key.
 ROUNDING_TAG = 2**32 - 1
@@ -124,8 +125,18 @@ class Compression:
       are rows), a :class:`MatrixAxes`, a pytree (prefix) of them, or a callable.
     side: side a projection compresses: ``"smaller"``, ``"larger"``, ``"rows"``, ``"cols"``.
     dtype: storage dtype of the buffers: ``"float32"``, ``"bfloat16"`` (rounded
-      stochastically) or ``"float64"`` (with ``jax_enable_x64``). Arithmetic runs in float32
-      at least.
+      stochastically), ``"float64"`` (with ``jax_enable_x64``) or ``"int8"`` (absmax-scaled
+      blocks of ``INT8_BLOCK = 256`` entries along each buffer's last axis, one float32 scale
+      per block, rounded stochastically; see ``docs/howto/int8.md``). Arithmetic runs in
+      float32 at least: a buffer is widened on load and rounded once on store.
+    plain_dtype: storage dtype of the buffers of leaves that are *not* compressed (vectors,
+      scalars, masked-out leaves), from the same list. ``None`` (default): ``dtype``, except
+      that ``dtype="int8"`` keeps them in float32: they are usually a small share of the
+      state, and bitsandbytes keeps tensors under 4096 entries in 32 bits for the same
+      reason. ``plain_dtype="int8"`` quantizes them too (with ``mask=False``: a full-size
+      8-bit EMA; :func:`flora_optax.int8_ema` is that as a drop-in for ``optax.ema``).
+      Scalars, integer and complex leaves never use int8 (they keep float32 or their own
+      complex type).
     precision: ``jax.lax.Precision`` of the sketch matmuls (``None``: JAX's default).
     prng_impl: ``"threefry2x32"`` (same numbers under any sharding) or ``"rbg"`` /
       ``"unsafe_rbg"`` (faster; numbers may change with sharding).
@@ -138,6 +149,7 @@ class Compression:
   axes: Any = None
   side: str = "smaller"
   dtype: Any = "float32"
+  plain_dtype: Any = None
   precision: Any = None
   prng_impl: str = "threefry2x32"
 
@@ -151,19 +163,23 @@ class Compression:
       raise ValueError(f"projection={self.projection!r} and side={self.side!r} apply to "
                        f"sketch='projection' only; the two-sided sketch draws Gaussian sketches "
                        f"of both sides")
-    if self.dtype is None or str(jnp.dtype(self.dtype)) not in STORAGE_DTYPES:
-      raise ValueError(
-          f"dtype must be one of {STORAGE_DTYPES}, got dtype={self.dtype!r} (float16 is refused: "
-          f"a float16 EMA stalls short of its target)")
-    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
-    if self.dtype == jnp.float64 and not jax.config.jax_enable_x64:
-      raise ValueError("dtype='float64' needs jax.config.update('jax_enable_x64', True)")
+    object.__setattr__(self, "dtype", check_storage_dtype(self.dtype, "dtype"))
+    if self.plain_dtype is not None:
+      object.__setattr__(self, "plain_dtype", check_storage_dtype(self.plain_dtype,
+                                                                  "plain_dtype"))
     if self.precision is not None:
       try:
         object.__setattr__(self, "precision", jax.lax.Precision(self.precision))
       except (ValueError, KeyError, TypeError):
         raise ValueError(f"precision must be None or a jax.lax.Precision, got "
                          f"precision={self.precision!r}") from None
+
+  @property
+  def plain_storage_dtype(self):
+    """The storage dtype of uncompressed leaves (see ``plain_dtype``)."""
+    if self.plain_dtype is not None:
+      return self.plain_dtype
+    return jnp.dtype(jnp.float32) if self.dtype == jnp.int8 else self.dtype
 
   @property
   def compute_dtype(self):
@@ -173,8 +189,25 @@ class Compression:
   def static(self) -> tuple[tuple[str, Any], ...]:
     """The options that shape a buffer, as (name, value) pairs with a stable repr."""
     return (("rank", self.rank), ("sketch", self.sketch), ("projection", self.projection),
-            ("side", self.side), ("dtype", str(self.dtype)), ("precision", str(self.precision)),
+            ("side", self.side), ("dtype", str(self.dtype)),
+            ("plain_dtype", str(self.plain_storage_dtype)), ("precision", str(self.precision)),
             ("prng_impl", self.prng_impl))
+
+
+def check_storage_dtype(value, name: str):
+  """One of :data:`STORAGE_DTYPES` as a ``numpy.dtype``; the error lists what is offered."""
+  try:
+    dtype = None if value is None or isinstance(value, bool) else jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or str(dtype) not in STORAGE_DTYPES:
+    raise ValueError(
+        f"{name} must be one of {STORAGE_DTYPES}, got {name}={value!r}; float16 is refused (a "
+        f"float16 EMA stalls short of its target), and of the integer formats only int8 with "
+        f"float32 block scales is offered (uint8 and int4 are not)")
+  if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    raise ValueError(f"{name}='float64' needs jax.config.update('jax_enable_x64', True)")
+  return dtype
 
 
 def var_keywords(kwargs: dict, name: str) -> dict:

@@ -15,7 +15,7 @@ from flora_optax import _buffers
 # the compressed buffers; the seed is in the key data; "layout" covers the rest (which leaves
 # are compressed, their matrix views and shapes).
 CHECKED = ("seed", "kappa", "rank", "transfer", "sketch", "projection", "side", "dtype",
-           "precision", "prng_impl", "layout")
+           "plain_dtype", "precision", "prng_impl", "layout")
 _RECORDED = {".key_data": "seed", ".kappa": "kappa"}
 
 
@@ -34,7 +34,7 @@ def _fingerprints(state: Any) -> np.ndarray:
       local = leaf.addressable_shards[0].data if isinstance(leaf, jax.Array) else leaf
       values[name].append((where, np.asarray(local).tolist()))
     else:
-      values["layout"].append((where, tuple(np.shape(leaf))))
+      values["layout"].append((where, tuple(np.shape(leaf)), str(np.dtype(leaf.dtype))))
   return np.array([zlib.crc32(repr(values[name]).encode()) for name in CHECKED], np.uint32)
 
 

@@ -73,6 +73,7 @@ def state_bytes(tree: Any) -> int:
   """Total bytes of the arrays (or ``jax.ShapeDtypeStruct``) in a tree.
 
   Use ``state_bytes(jax.eval_shape(tx.init, params))`` to size a state without building it.
+  An int8 buffer counts its codes and its float32 block scales.
   """
   return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
                  for x in jax.tree.leaves(tree)))
@@ -139,11 +140,19 @@ def _human(n: int) -> str:
   raise AssertionError
 
 
+def _naive_bytes(shape, dtype) -> int:
+  if np.dtype(dtype) == np.int8 and len(shape):
+    return state_bytes(jax.eval_shape(lambda: _buffers.storage_zeros(shape, dtype)))
+  return math.prod(shape) * np.dtype(dtype).itemsize
+
+
 def memory_report(params: Any, rank: int, **compression) -> MemoryReport:
   """Bytes of one Flora buffer (momentum or accumulator) per leaf, against a naive one.
 
   The naive buffer is a full-size array of the storage ``dtype`` per leaf (what
-  ``optax.ema`` or ``optax.MultiSteps`` keep). Each row shows the arrays a compressed leaf
+  ``optax.ema`` or ``optax.MultiSteps`` keep; for ``dtype="int8"`` its codes and block
+  scales, what :func:`flora_optax.int8_ema` keeps). Flora's bytes include the float32 block
+  scales of int8 buffers. Each row shows the arrays a compressed leaf
   is stored in (one for the projection; the range and co-range sketches for
   ``sketch="two_sided"``). Counters and key data (a few bytes per transform) are not
   included; use :func:`state_bytes` on a real state for the exact total.
@@ -156,12 +165,11 @@ def memory_report(params: Any, rank: int, **compression) -> MemoryReport:
   """
   options = _options.compression_from(compression, rank)
   buffers = jax.eval_shape(lambda: _buffers.init(params, options))
-  itemsize = options.dtype.itemsize
   rows = []
   for name, leaf, buf in zip(_layout.leaf_names(params), jax.tree.leaves(params),
                              _buffers.nodes(buffers)):
     shapes = ({k: tuple(v.shape) for k, v in buf.parts.items()} if _buffers.is_compressed(buf)
               else {"full": tuple(buf.shape)})
     rows.append(LeafMemory(name, tuple(np.shape(leaf)), _buffers.is_compressed(buf), shapes,
-                           state_bytes(buf), math.prod(np.shape(leaf)) * itemsize))
+                           state_bytes(buf), _naive_bytes(np.shape(leaf), options.dtype)))
   return MemoryReport(rank=options.rank, leaves=tuple(rows))

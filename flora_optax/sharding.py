@@ -41,6 +41,12 @@ def state_shardings(tx: Any, params: Any, param_shardings: Any) -> Any:
   * anything else (counters, PRNG key data, Adafactor's ``(1,)`` placeholders) is
     **replicated**, with a warning for an array of two or more axes.
 
+  An int8 buffer (``dtype="int8"``, an :class:`flora_optax.Int8Blocks`) gets the sharding
+  above for its codes and the same for its block scales, which therefore live with their
+  blocks; the scales' last axis keeps its mesh axes only where each shard holds whole blocks
+  of 256 (a multiple of ``256 ×`` the shard count), and is replicated with a warning
+  otherwise.
+
   To keep a compressed buffer sharded, shard a parameter on the side that Flora does *not*
   compress (the larger side, with the default ``side="smaller"``).
 
@@ -90,14 +96,26 @@ def state_shardings(tx: Any, params: Any, param_shardings: Any) -> Any:
 
   def shard_buffer(path, name, leaf, sharding, buffer):
     shape, spec = tuple(jax.numpy.shape(leaf)), _full_spec(sharding.spec, leaf)
+    def with_scales(part, part_spec, where):
+      """The sharding of one buffer array; an int8 one gets its scales' sharding beside."""
+      array_sharding = NamedSharding(mesh, part_spec, memory_kind=sharding.memory_kind)
+      if not _buffers.is_int8(part):
+        return array_sharding
+      scale_spec = _scale_spec(mesh, tuple(part_spec) + (None,) * (len(part.shape) - len(
+          part_spec)), part.shape, part.block, f"state{where} for {name} {shape}")
+      return _buffers.Int8Blocks(array_sharding, NamedSharding(
+          mesh, scale_spec, memory_kind=sharding.memory_kind), part.block)
+
+    where = jax.tree_util.keystr(tuple(path))
     if _buffers.is_compressed(buffer):
       axes = buffer.sketch.buffer_axes(buffer.leaf)
       return _buffers.Compressed(
-          {k: NamedSharding(mesh, PartitionSpec(*(None if group is None else
-                                                  _group_spec(shape, spec, group)
-                                                  for group in axes[k])),
-                            memory_kind=sharding.memory_kind)
-           for k in buffer.parts}, buffer.leaf, buffer.sketch, buffer.spec)
+          {k: with_scales(part, PartitionSpec(*(None if group is None else
+                                                _group_spec(shape, spec, group)
+                                                for group in axes[k])), where)
+           for k, part in buffer.parts.items()}, buffer.leaf, buffer.sketch, buffer.spec)
+    if _buffers.is_int8(buffer):  # a plain leaf stored in int8: codes shard as the leaf
+      return with_scales(buffer, sharding.spec, where)
 
     def plain(array):
       rule = _plain_spec(shape, spec, tuple(array.shape))
@@ -120,6 +138,34 @@ def state_shardings(tx: Any, params: Any, param_shardings: Any) -> Any:
 
   return jax.tree_util.tree_map_with_path(shard_node, jax.eval_shape(tx.init, params),
                                           is_leaf=is_params_like)
+
+
+def _scale_spec(mesh, spec: tuple, shape: tuple[int, ...], block: int, what: str):
+  """PartitionSpec of the block scales of an int8 array of `shape` sharded as `spec`.
+
+  The scales ``(..., ceil(L / block))`` follow the array on every leading axis. On the last
+  axis they keep its mesh axes when every shard holds whole blocks (``L`` a multiple of
+  ``block`` times the shard count): each device then quantizes and reads its own blocks,
+  and nothing moves. Otherwise a block straddles shards and the scales are replicated on that
+  axis, with a warning: quantizing then needs the absmax of entries on several devices.
+  """
+  last = spec[-1]
+  if last is None:
+    return PartitionSpec(*spec)
+  names = last if isinstance(last, tuple) else (last,)
+  shards = 1
+  for axis_name in names:
+    shards *= mesh.shape[axis_name]
+  length = shape[-1]
+  if shards == 1 or length % (shards * block) == 0:
+    return PartitionSpec(*spec)
+  warnings.warn(
+      f"state_shardings: the int8 blocks of {block} entries along the last axis (length "
+      f"{length}) of {what} straddle its {shards} shards on mesh axes {names}; their scales "
+      f"are replicated on that axis and quantizing gathers entries across devices. Shard "
+      f"that axis so each shard holds a multiple of {block} entries, or not at all",
+      stacklevel=5)
+  return PartitionSpec(*spec[:-1], None)
 
 
 def _param_sharding_leaves(params_def, param_shardings, names) -> list[NamedSharding]:
