@@ -103,7 +103,8 @@ class Int8Blocks:
   value (NaN or ±inf) stores ``s_b = NaN`` and codes 0: it reads back as NaN in every entry,
   so the problem stays visible (``optax.apply_if_finite`` and ``optax.skip_not_finite``
   catch it), and no other block changes. Finite input never gives NaN or inf, up to
-  float32's largest value.
+  float32's largest value; a block whose absmax is below ``127 ×`` float32's smallest normal
+  number (``1.5e-36``) is stored as zeros with scale 0 (XLA flushes subnormals anyway).
 
   Attributes:
     q: int8 codes, the logical shape ``(..., L)`` (no padding, so ``q`` shards like the
@@ -164,17 +165,20 @@ def quantize(x, key=None, block: int = INT8_BLOCK) -> Int8Blocks:
   finite = jnp.isfinite(blocks)
   bad = ~jnp.all(finite, axis=-1)
   absmax = jnp.max(jnp.where(finite, jnp.abs(blocks), 0.0), axis=-1)
-  scale = jnp.where(bad, jnp.nan, absmax)
-  # x / absmax * 127, never 0/0 (an all-zero block) nor inf * 0; a block of huge values
-  # stays finite since |x| / absmax <= 1 comes first.
-  divisor = jnp.where(bad | (absmax == 0), 1.0, absmax)[..., None]
-  y = jnp.where(finite, blocks, 0.0) / divisor * INT8_MAX
+  # x / (absmax / 127): XLA divides by multiplying with the reciprocal and flushes
+  # subnormals, so the divisor is the step (whose reciprocal stays normal up to float32's
+  # largest absmax), and a block whose step is not a normal number is flushed to zero.
+  step = absmax / INT8_MAX
+  flushed = step < jnp.finfo(jnp.float32).tiny
+  scale = jnp.where(bad, jnp.nan, jnp.where(flushed, 0.0, absmax))
+  divisor = jnp.where(bad | flushed, 1.0, step)[..., None]
+  y = jnp.where(finite, blocks, 0.0) / divisor
   if key is None:
     y = jnp.round(y)
   else:
     # floor(y + u), u ~ U[0, 1): rounds up with probability equal to the fraction of y.
     y = jnp.floor(y + _blocked(jax.random.uniform(key, x.shape, jnp.float32), block))
-  codes = jnp.where(bad[..., None], 0.0, jnp.clip(y, -INT8_MAX, INT8_MAX)).astype(jnp.int8)
+  codes = jnp.where((bad | flushed)[..., None], 0.0, jnp.clip(y, -INT8_MAX, INT8_MAX)).astype(jnp.int8)
   return Int8Blocks(_unblocked(codes, x.shape[-1]), scale, block)
 
 
