@@ -7,6 +7,11 @@ dequantized state, within that bound.
 """
 
 import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -22,6 +27,7 @@ import flora_optax
 from flora_optax import _buffers, multihost, sharding
 from tests import reference
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 BLOCK = flora_optax.INT8_BLOCK
 # float32 arithmetic against the float64 reference, relative to a buffer's largest entry.
 FLOAT_TOL = 2e-5
@@ -489,3 +495,29 @@ def test_scale_shardings_follow_their_buffers():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     assert sharding._scale_spec(big, ("data", None), (8, 600), BLOCK, "x") == P("data", None)
+
+
+def test_sharded_on_8_devices_without_gathers():
+  """tests/multidevice/int8_sharding.py: codes and scales shard alike (shards of 256 entries
+  hold whole blocks), the compiled update has no collective that float32 buffers do not
+  have (the projection's and int8_ema's: none), and the sharded run stays within one
+  quantization step of the one-device run."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice" /
+                                             "int8_sharding.py")],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  results = json.loads(proc.stdout)
+  for name, r in results.items():
+    assert r["actual"] == r["specs"], name
+    assert not r["warnings"], name
+    for path, spec in r["specs"].items():
+      if path.endswith(".scale"):
+        assert spec == r["specs"][path[:-len("scale")] + "q"], path
+    assert r["collectives"] == r["float32_collectives"], name
+    assert r["steps_apart"] <= 1.0, name
+  for name in ("momentum", "int8_ema"):
+    assert not any(results[name]["collectives"].values()), name
+  assert results["int8_ema"]["equal"]
