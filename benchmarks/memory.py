@@ -57,6 +57,8 @@ def optimizers(rank: int, compress_embedding: bool,
   return {
       "flora momentum": flora_optax.flora_adafactor(
           LEARNING_RATE, rank, momentum=0.9, mask=flora_mask, **factor),
+      "flora momentum int8": flora_optax.flora_adafactor(
+          LEARNING_RATE, rank, momentum=0.9, mask=flora_mask, dtype="int8", **factor),
       "flora accumulation": flora_optax.flora_accumulate(
           optax.adafactor(LEARNING_RATE, **factor), ACCUMULATE_EVERY, rank, mask=flora_mask),
       "galore (adam)": optax.contrib.galore(
@@ -67,6 +69,9 @@ def optimizers(rank: int, compress_embedding: bool,
 BASELINES = {
     "adafactor (no momentum)": lambda factor: optax.adafactor(LEARNING_RATE, **factor),
     "naive momentum": lambda factor: optax.adafactor(LEARNING_RATE, momentum=0.9, **factor),
+    # Adafactor's momentum as a full-size 8-bit EMA (int8 codes, a float32 scale per 256).
+    "naive momentum int8": lambda factor: optax.chain(
+        optax.adafactor(LEARNING_RATE, **factor), flora_optax.int8_ema(0.9, debias=False)),
     "naive accumulation": lambda factor: optax.MultiSteps(
         optax.adafactor(LEARNING_RATE, **factor), ACCUMULATE_EVERY),
 }
