@@ -350,7 +350,7 @@ def test_compressed_mean_with_an_int8_carry(rng):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: flora_optax.flora_adamw(1e-3, 8, dtype="int8"),
+    lambda: flora_optax.flora_adamw(1e-3, 8, dtype="int8", plain_dtype="int8"),
     lambda: flora_optax.flora_adamw(1e-3, 8, dtype="int8", sketch="two_sided"),
     lambda: flora_optax.flora_adafactor(1e-2, 8, dtype="int8", min_dim_size_to_factor=8),
     lambda: flora_optax.flora_accumulate(
@@ -521,3 +521,34 @@ def test_sharded_on_8_devices_without_gathers():
   for name in ("momentum", "int8_ema"):
     assert not any(results[name]["collectives"].values()), name
   assert results["int8_ema"]["equal"]
+
+
+def test_nnx_optimizer_with_int8_buffers():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Model(nnx.Module):
+
+    def __init__(self, rngs):
+      self.a = nnx.Linear(16, 300, rngs=rngs)
+      self.b = nnx.Linear(300, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.b(jnp.tanh(self.a(x)))
+
+  model = Model(nnx.Rngs(0))
+  tx = flora_optax.flora_adamw(3e-3, 8, dtype="int8", plain_dtype="int8")
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((32, 16)), jnp.float32)
+  y = jnp.sin(x[:, :4])
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(train_step(model, optimizer)) for _ in range(40)]
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+  pure = nnx.as_pure(optimizer.opt_state)
+  assert any(isinstance(x, flora_optax.Int8Blocks) for x in jax.tree.leaves(
+      pure, is_leaf=lambda x: isinstance(x, flora_optax.Int8Blocks)))
