@@ -178,7 +178,8 @@ def quantize(x, key=None, block: int = INT8_BLOCK) -> Int8Blocks:
   else:
     # floor(y + u), u ~ U[0, 1): rounds up with probability equal to the fraction of y.
     y = jnp.floor(y + _blocked(jax.random.uniform(key, x.shape, jnp.float32), block))
-  codes = jnp.where((bad | flushed)[..., None], 0.0, jnp.clip(y, -INT8_MAX, INT8_MAX)).astype(jnp.int8)
+  codes = jnp.where((bad | flushed)[..., None], 0.0, jnp.clip(y, -INT8_MAX, INT8_MAX))
+  codes = codes.astype(jnp.int8)
   return Int8Blocks(_unblocked(codes, x.shape[-1]), scale, block)
 
 

@@ -308,7 +308,8 @@ def test_accumulation_matches_float64_step_by_step(rng):
   state, update = tx.init(params), jax.jit(tx.update)
   for t in range(7):
     g = _tree(rng)
-    before, mini, step = stored(state.compressed_acc), int(state.mini_step), int(state.gradient_step)
+    before = stored(state.compressed_acc)
+    mini, step = int(state.mini_step), int(state.gradient_step)
     out, state = update(g, state)
     draws = flora_optax.projections(params, RANK, step, seed, transform="accumulate")
     for name in SHAPES:
