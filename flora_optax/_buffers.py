@@ -37,7 +37,8 @@ class Compressed:
   Attributes:
     parts: the arrays of the sketch: ``{"c": ...}`` for a projection (``(*batch, n, rank)``
       or ``(*batch, rank, m)``), ``{"range": (*batch, N, k), "corange": (*batch, l, M)}`` for
-      the two-sided sketch.
+      the two-sided sketch; with ``dtype="int8"`` each is an :class:`Int8Blocks` of that
+      shape.
     leaf: static :class:`LeafLayout` (name, shape, matrix view, side, rank).
     sketch: the static compression method that reads and writes `parts`.
     spec: static options of the transform that made it, as ``(name, value)`` pairs.
