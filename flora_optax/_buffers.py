@@ -163,9 +163,9 @@ def quantize(x, key=None, block: int = INT8_BLOCK) -> Int8Blocks:
   of `key` (unbiased: ``E[dequantize(quantize(x, key))] = x``), or to nearest without."""
   x = jnp.asarray(x, jnp.float32)
   blocks = _blocked(x, block)
-  finite = jnp.isfinite(blocks)
-  bad = ~jnp.all(finite, axis=-1)
-  absmax = jnp.max(jnp.where(finite, jnp.abs(blocks), 0.0), axis=-1)
+  # One pass over the buffer for the scales: max propagates NaN, and ±inf is its own absmax.
+  absmax = jnp.max(jnp.abs(blocks), axis=-1)
+  bad = ~jnp.isfinite(absmax)
   # x / (absmax / 127): XLA divides by multiplying with the reciprocal and flushes
   # subnormals, so the divisor is the step (whose reciprocal stays normal up to float32's
   # largest absmax), and a block whose step is not a normal number is flushed to zero.
@@ -173,15 +173,46 @@ def quantize(x, key=None, block: int = INT8_BLOCK) -> Int8Blocks:
   flushed = step < jnp.finfo(jnp.float32).tiny
   scale = jnp.where(bad, jnp.nan, jnp.where(flushed, 0.0, absmax))
   divisor = jnp.where(bad | flushed, 1.0, step)[..., None]
-  y = jnp.where(finite, blocks, 0.0) / divisor
+  y = blocks / divisor  # garbage only in blocks whose codes are set to 0 below
   if key is None:
     y = jnp.round(y)
   else:
     # floor(y + u), u ~ U[0, 1): rounds up with probability equal to the fraction of y.
-    y = jnp.floor(y + _blocked(jax.random.uniform(key, x.shape, jnp.float32), block))
+    y = jnp.floor(y + _blocked(dither(key, x.shape), block))
   codes = jnp.where((bad | flushed)[..., None], 0.0, jnp.clip(y, -INT8_MAX, INT8_MAX))
   codes = codes.astype(jnp.int8)
   return Int8Blocks(_unblocked(codes, x.shape[-1]), scale, block)
+
+
+def dither(key, shape) -> jax.Array:
+  """Uniform numbers in ``[0, 1)`` on a grid of ``2**-24`` for stochastic rounding: a
+  32-bit integer hash (Wellons' ``lowbias32``) of each entry's index, keyed by two words
+  drawn from `key`.
+
+  Elementwise, so XLA fuses it into the quantization: ``jax.random.uniform`` of the buffer's
+  shape is a separate threefry kernel (a rolled loop on CPU) that writes and reads a float32
+  array as large as the buffer, and it made the int8 step move more bytes than the float32 one
+  (``benchmarks/cost_model.py``). A function of the global index only, so every sharding
+  gets the same numbers. Rounding needs them uniform and fresh for each step, not
+  cryptographic: each step's key gives new words.
+  """
+  words = jax.random.bits(key, (2,), jnp.uint32)
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    stride *= shape[axis]
+  h = _lowbias32(index ^ words[0])
+  h = _lowbias32(h + words[1])
+  return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
+def _lowbias32(x):
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
 
 
 def dequantize(stored: Int8Blocks, dtype=jnp.float32) -> jax.Array:
