@@ -149,7 +149,8 @@ def scale_by_flora_muon(
     rank: rank of the momentum's sketch (static int).
     ns_coeffs: Newton–Schulz coefficients: ``"standard"`` (optax's default), ``"dion"``, a
       triple, or one triple per step.
-    ns_steps: Newton–Schulz iterations (the last ``ns_steps`` rows of per-step coefficients).
+    ns_steps: Newton–Schulz iterations; with per-step coefficients one step runs per row, and
+      ``ns_steps`` must be at least their number (as in optax).
     beta: momentum decay in ``[0, 1)``.
     eps: added to the norm that normalises the input of the iteration.
     kappa, seed: see :func:`flora_momentum`.
@@ -187,9 +188,9 @@ def scale_by_flora_muon(
     if isinstance(ns_steps, jax.core.Tracer):
       raise TypeError("ns_steps must be static with per-step ns_coeffs; with "
                       "optax.inject_hyperparams pass static_args=('rank', 'ns_steps')")
-    if len(ns_coeffs) < ns_steps:
-      raise ValueError(f"ns_steps={ns_steps} needs at least {ns_steps} rows of ns_coeffs, got "
-                       f"{len(ns_coeffs)}")
+    if len(ns_coeffs) > ns_steps:  # optax.contrib.scale_by_muon refuses it too
+      raise ValueError(f"ns_coeffs has {len(ns_coeffs)} rows, one per Newton–Schulz step, more "
+                       f"than ns_steps={ns_steps}; raise ns_steps or give fewer rows")
   _options.check_choice(preconditioning, PRECONDITIONINGS, "preconditioning")
   _options.check_decay(beta, "beta")
 
