@@ -92,6 +92,12 @@ def test_compressed_state_is_the_orthogonalized_view(rng):
   assert buffer(mu["stack"]).shape == (3, 4, 20)
   adam = state.inner_states["adam"].inner_state[0]
   assert adam.mu["bias"].shape == (16,) and adam.mu["conv"].shape == (3, 3, 4, 10)
+  # mu_dtype, as in optax: Adam's first moment, and the Muon momentum's storage dtype.
+  state = jax.eval_shape(flora_optax.flora_muon(0.02, 4, mu_dtype=jnp.bfloat16).init,
+                         tree(rng))
+  assert buffer(state.inner_states["muon"].inner_state[0].compressed_mu["wide"]).dtype == (
+      jnp.bfloat16)
+  assert state.inner_states["adam"].inner_state[0].mu["bias"].dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("options", [dict(), dict(sketch="two_sided", dtype="bfloat16")])
