@@ -357,10 +357,13 @@ def test_compressed_mean_with_an_int8_carry(rng):
     lambda: flora_optax.flora_accumulate(
         flora_optax.flora_adafactor(1e-2, 8, dtype="int8", min_dim_size_to_factor=8), 2, 8,
         dtype="int8"),
+    lambda: flora_optax.flora_adamw(1e-3, 8, dtype="int8", sketch="factors"),
+    lambda: flora_optax.flora_muon(1e-2, 8, dtype="int8"),
     lambda: optax.chain(flora_optax.flora_momentum(8, mask=False, dtype="int8",
                                                    plain_dtype="int8"), optax.scale(-0.3)),
     lambda: optax.chain(flora_optax.int8_ema(0.9), optax.scale(-0.3)),
-], ids=["adamw", "adamw-two-sided", "adafactor", "accumulate-adafactor", "momentum-plain",
+], ids=["adamw", "adamw-two-sided", "adafactor", "accumulate-adafactor", "adamw-factors",
+        "muon", "momentum-plain",
                                       "int8-ema"])
 def test_aliases_train_with_int8_buffers(make, rng):
   params = {"w": jnp.asarray(rng.standard_normal((64, 300)) * 0.1, jnp.float32),
@@ -553,3 +556,30 @@ def test_nnx_optimizer_with_int8_buffers():
   pure = nnx.as_pure(optimizer.opt_state)
   assert any(isinstance(x, flora_optax.Int8Blocks) for x in jax.tree.leaves(
       pure, is_leaf=lambda x: isinstance(x, flora_optax.Int8Blocks)))
+
+
+def test_online_factors_match_float64_step_by_step(rng):
+  """sketch="factors" (B: n×k, A: k×m) stored in int8: each step is the float64 fold of
+  tests/test_factors.py from the dequantized factors, stored within one step of the block
+  scales (A's rows have unit norm, B's rows one block each at these widths)."""
+  from tests.test_factors import fold  # pylint: disable=import-outside-toplevel
+  shapes = {"wide": (40, 300), "tall": (300, 40)}
+  params = _tree(rng, shapes)
+  decay, rank = 0.8, 16
+  tx = flora_optax.flora_momentum(rank, decay, None, 2, sketch="factors", dtype="int8")
+  state, update = tx.init(params), jax.jit(tx.update)
+  for t in range(5):
+    g = _tree(rng, shapes)
+    before = stored(state.compressed_mu)
+    out, state = update(g, state)
+    for name in shapes:
+      b, a = fold(before[name]["b"], before[name]["a"], np.asarray(g[name], np.float64),
+                  1 - decay)
+      want = b @ a
+      np.testing.assert_allclose(out[name], want, rtol=0, atol=2e-4 * np.abs(want).max(),
+                                 err_msg=f"{name} step {t}")
+      parts = state.compressed_mu[name].parts
+      _check_stored(parts["a"], a, f"{name}.a step {t}")
+      # B inherits the float32 error of the solves: 1e-4 of its scale on top of the bound.
+      err = np.abs(dequant(parts["b"]) - b)
+      assert np.all(err <= entry_scales(parts["b"]) / 127 + 1e-4 * np.abs(b).max()), name
