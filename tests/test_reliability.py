@@ -39,7 +39,7 @@ def test_lowering_k_mid_cycle_still_emits():
   assert emitted == [True, False, False, False, True, False, False, False, True]
 
 
-@pytest.mark.parametrize("sketch", ["projection", "two_sided"])
+@pytest.mark.parametrize("sketch", ["projection", "two_sided", "factors"])
 def test_a_changed_compressed_side_is_an_error_naming_the_leaf(sketch):
   tx = flora_optax.flora_momentum(rank=2, sketch=sketch)
   state = tx.init({"w": jnp.ones((16, 8))})
