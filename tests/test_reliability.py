@@ -1,12 +1,18 @@
 """Regression tests for defects found by adversarial use (each failed on release 0.1.0)."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import flora_optax
+from flora_optax import _sketches
+from tests import reference
 from tests.conftest import buffer
 
 W = {"w": jnp.ones((16, 8))}
@@ -231,3 +237,90 @@ def test_non_finite_gradients_are_skipped_without_touching_the_state():
   for a, b in zip(jax.tree.leaves(state.compressed_acc), jax.tree.leaves(skipped.compressed_acc)):
     np.testing.assert_array_equal(a, b)
   assert np.all(np.isfinite(np.asarray(buffer(skipped.compressed_acc["w"]))))
+
+
+# ----------------------------------------------------------------------------- issue 21
+
+RADEMACHER_GRADS = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((64, 8)),
+                                     jnp.float32)}
+
+
+def _finite(tree):
+  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
+
+
+def test_rademacher_singular_gram_keeps_the_momentum_finite():
+  # With ±1 entries A Aᵀ is singular for 34 of 200 (8, 6) draws. 0.1.0's least-squares
+  # transfer solved with it: the state was NaN from update 5 on, for good.
+  tx = flora_optax.flora_momentum(rank=6, decay=0.9, kappa=1, projection="rademacher")
+  state = tx.init({"w": jnp.zeros((64, 8))})
+  step = jax.jit(tx.update)
+  for t in range(200):
+    out, state = step(RADEMACHER_GRADS, state)
+    assert _finite(out) and _finite(state), t
+  # The residual emit solves with the same Gram matrix (the unbiased transfer does not:
+  # decay**kappa * sqrt(8/6) < 1 keeps it bounded, so only the residual is tested here).
+  tx = flora_optax.flora_momentum(rank=6, decay=0.5, kappa=1, projection="rademacher",
+                                  transfer="unbiased", emit="residual")
+  state = tx.init({"w": jnp.zeros((64, 8))})
+  step = jax.jit(tx.update)
+  for t in range(60):
+    out, state = step(RADEMACHER_GRADS, state)
+    assert _finite(out) and _finite(state), t
+  params = {"w": jnp.ones((64, 8))}
+  for tx in (flora_optax.flora_adafactor(1e-2, rank=6, kappa=1, projection="rademacher"),
+             flora_optax.flora_adamw(1e-2, rank=6, kappa=1, projection="rademacher")):
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for t in range(60):
+      out, state = step(RADEMACHER_GRADS, state, params)
+      assert _finite(out) and _finite(state), t
+
+
+@pytest.mark.parametrize("projection", ["gaussian", "orthogonal", "dct"])
+def test_regularized_transfer_matches_a_float64_least_squares_fit(projection, rng):
+  """On well-conditioned draws the ridge of `solve_gram` leaves the least-squares transfer
+  where NumPy's (pinv) puts it, to the tolerance of test_momentum's transfer test."""
+  params = {"tall": jnp.zeros((48, 16)), "wide": jnp.zeros((24, 40))}
+  kappa, decay = 3, 0.5
+  grads = [{k: jnp.asarray(rng.standard_normal(p.shape), jnp.float32)
+            for k, p in params.items()} for _ in range(kappa)]
+  grads.append(jax.tree.map(jnp.zeros_like, params))
+  tx = flora_optax.flora_momentum(4, decay, kappa, projection=projection)
+  state = tx.init(params)
+  for g in grads[:kappa]:
+    _, state = tx.update(g, state)
+  _, after = tx.update(grads[kappa], state)
+  for name, side in (("tall", "cols"), ("wide", "rows")):
+    a_old, a_new = (flora_optax.projections(params, 4, c, projection=projection)[name]
+                    for c in (0, 1))
+    old = reference.up(np.asarray(buffer(state.compressed_mu[name]), np.float64), a_old, side)
+    expected = decay * reference.least_squares_fit(old, a_new, side)
+    np.testing.assert_allclose(buffer(after.compressed_mu[name]), expected, rtol=1e-4,
+                               atol=1e-5 * np.abs(expected).max())
+
+
+def test_two_sided_degenerate_draws_stay_finite(rng):
+  # A zero or rank-1 EMA leaves the range sketch rank-deficient (Q stays orthonormal); a
+  # co-range draw Ψ with repeated rows made 0.1.0's triangular solve return ~1e8·‖X‖, a
+  # zero one NaN.
+  sketch = _sketches.TwoSided(6, "gaussian", jnp.float32, jax.lax.Precision.HIGHEST)
+  leaf = jax.eval_shape(lambda: flora_optax.flora_momentum(6, sketch="two_sided").init(
+      {"w": jnp.zeros((64, 16))})).compressed_mu["w"].leaf
+  x = jnp.asarray(rng.standard_normal((64, 16)), jnp.float32)
+  draws = sketch.draw(jax.random.key(0), leaf)
+  psi_row = draws["psi"][:1]
+  for psi in (jnp.repeat(psi_row, draws["psi"].shape[0], 0), jnp.zeros_like(draws["psi"])):
+    degenerate = {"omega": draws["omega"], "psi": psi}
+    out = sketch.decompress(sketch.compress(x, degenerate, leaf), degenerate, leaf)
+    assert np.all(np.isfinite(out)) and float(jnp.abs(out).max()) < 10 * float(jnp.abs(x).max())
+  tx = flora_optax.flora_momentum(rank=6, decay=0.9, kappa=1, sketch="two_sided",
+                                  emit="residual")
+  step = jax.jit(tx.update)
+  u, v = rng.standard_normal(64), rng.standard_normal(16)
+  for g in (np.zeros((64, 16)), np.outer(u, v)):
+    state = tx.init({"w": jnp.zeros((64, 16))})
+    for _ in range(10):
+      out, state = step({"w": jnp.asarray(g, jnp.float32)}, state)
+    assert _finite(out) and _finite(state)
+
