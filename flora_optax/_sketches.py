@@ -90,7 +90,14 @@ class RandomProjection(Sketch):
     d = m if side == "cols" else n
     return self.rank < d, f"its compressed side ({side}) has size {d}"
 
+  def _check_dim(self, leaf):
+    if self.projection == "dct" and leaf.dim > DCT_MAX_DIM:
+      raise ValueError(f"projection='dct' supports a compressed side of at most 2**29, but "
+                       f"{leaf.name} {leaf.shape} compresses its {leaf.side} of d={leaf.dim}; "
+                       f"use another projection or side for it")
+
   def buffer_shapes(self, leaf):
+    self._check_dim(leaf)  # at init, so an impossible leaf never reaches a training step
     if leaf.side == "cols":
       return {"c": leaf.batch_shape + (leaf.n, self.rank)}
     return {"c": leaf.batch_shape + (self.rank, leaf.m)}
@@ -105,6 +112,7 @@ class RandomProjection(Sketch):
     return {"a": leaf.batch_shape + (self.rank, leaf.dim)}
 
   def draw(self, key, leaf):
+    self._check_dim(leaf)
     return {"a": make_projection(key, self.draw_shapes(leaf)["a"], self.projection,
                                  self.compute_dtype)}
 
@@ -328,17 +336,34 @@ def make_projection(key, shape, kind: str, dtype) -> jax.Array:
   raise ValueError(f"unknown projection {kind!r}")
 
 
+# The largest compressed side `projection="dct"` builds exactly: its phases are residues mod 4d
+# formed in uint32, and a residue times 2 must not overflow (4d ≤ 2**31).
+DCT_MAX_DIM = 2**29
+
+
 def _dct_rows(freqs, d: int, dtype) -> jax.Array:
   """Rows ``freqs`` of the orthonormal DCT-II of size ``d``: ``c_k cos(π (2j+1) k / (2d))``.
 
-  The phase ``(2j+1)·k mod 4d`` is formed in uint32 integers (split in 8-bit halves of ``k``
-  so that no product overflows for ``d`` up to ~3·10⁵), so the float angle stays accurate
-  where ``(2j+1)·k`` itself would lose digits in float32.
+  The phase ``(2j+1)·k mod 4d`` is formed exactly in uint32 integers, so the float angle
+  stays accurate where ``(2j+1)·k`` itself would lose digits in float32. ``k`` is taken in
+  limbs of ``b`` bits by Horner's rule, reducing mod ``4d`` after each step: a residue
+  (``< 4d``) times ``2**b`` and an odd number (``< 2d``) times a limb (``< 2**b``) then
+  stay below ``2**32`` whenever ``2**b · d ≤ 2**30``. That holds for every
+  ``d ≤ DCT_MAX_DIM = 2**29`` (one bit per limb there; one limb up to ``d = 2**15``, two up
+  to ``2**20``). The float32 angle then errs by at most an ulp of a number below ``2π``.
   """
+  if d > DCT_MAX_DIM:
+    raise ValueError(f"projection='dct' builds rows for a compressed side of at most "
+                     f"2**29, got d={d}")
   period = jnp.uint32(4 * d)
   odd = (2 * jnp.arange(d, dtype=jnp.uint32) + 1)[None, :]
   k = freqs[..., :, None]
-  phase = ((odd * (k >> 8)) % period * jnp.uint32(256) + odd * (k & jnp.uint32(255))) % period
+  k_bits = max((d - 1).bit_length(), 1)
+  limb_bits = min(30 - (d - 1).bit_length(), k_bits)
+  phase = jnp.zeros((), jnp.uint32)
+  for shift in reversed(range(0, k_bits, limb_bits)):
+    limb = (k >> jnp.uint32(shift)) & jnp.uint32(2**limb_bits - 1)
+    phase = (phase * jnp.uint32(2**limb_bits) % period + odd * limb) % period
   rows = jnp.cos(phase.astype(jnp.float32) * (math.pi / (2 * d)))
   scale = jnp.where(k == 0, math.sqrt(1.0 / d), math.sqrt(2.0 / d))
   return (rows * scale).astype(dtype)

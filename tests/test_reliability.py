@@ -324,3 +324,30 @@ def test_two_sided_degenerate_draws_stay_finite(rng):
       out, state = step({"w": jnp.asarray(g, jnp.float32)}, state)
     assert _finite(out) and _finite(state)
 
+
+def _dct_rows_exact(freqs, d):
+  """Rows of the orthonormal DCT-II in float64, the phase (2j+1)·k mod 4d in exact integers."""
+  j = np.arange(d, dtype=object)
+  rows = []
+  for k in freqs:
+    phase = np.asarray((2 * j + 1) * int(k) % (4 * d), np.float64)
+    rows.append(np.sqrt((1 if k == 0 else 2) / d) * np.cos(np.pi * phase / (2 * d)))
+  return np.stack(rows)
+
+
+@pytest.mark.parametrize("d", [750_001, 1_000_003, 2**22 + 5])
+def test_dct_rows_are_right_for_large_dimensions(d):
+  # 0.1.0 formed (2j+1)·(k >> 8) in uint32, which overflows above d ≈ 7.41e5.
+  freqs = [1, d // 3, d - 2, d - 1]
+  got = _sketches._dct_rows(jnp.asarray(freqs, jnp.uint32), d, jnp.float32)
+  # float32: the angle (below 2π) and the cosine are each good to about an ulp.
+  np.testing.assert_allclose(np.asarray(got, np.float64) * np.sqrt(d / 2),
+                             _dct_rows_exact(freqs, d) * np.sqrt(d / 2), rtol=0, atol=2e-6)
+
+
+def test_dct_refuses_a_compressed_side_above_2_to_the_29():
+  big = {"w": jax.ShapeDtypeStruct((4, 2**29 + 8), jnp.float32)}
+  tx = flora_optax.flora_momentum(rank=2, projection="dct", side="cols")
+  with pytest.raises(ValueError, match=r"params\['w'\] \(4, 536870920\).*d=536870920"):
+    jax.eval_shape(tx.init, big)
+
