@@ -73,9 +73,13 @@ def state_bytes(tree: Any) -> int:
   """Total bytes of the arrays (or ``jax.ShapeDtypeStruct``) in a tree.
 
   Use ``state_bytes(jax.eval_shape(tx.init, params))`` to size a state without building it.
+  A typed PRNG key array (``optax.add_noise`` keeps one) counts its key data.
   """
-  return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(tree)))
+  def nbytes(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.eval_shape(jax.random.key_data, x)  # key<fry> has no NumPy itemsize
+    return math.prod(x.shape) * np.dtype(x.dtype).itemsize
+  return int(sum(nbytes(x) for x in jax.tree.leaves(tree)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -351,3 +351,15 @@ def test_dct_refuses_a_compressed_side_above_2_to_the_29():
   with pytest.raises(ValueError, match=r"params\['w'\] \(4, 536870920\).*d=536870920"):
     jax.eval_shape(tx.init, big)
 
+
+def test_state_bytes_counts_typed_prng_keys():
+  params = {"w": jnp.zeros((64, 32))}
+  tx = optax.chain(optax.add_noise(0.1, 0.55, 0), flora_optax.flora_momentum(rank=4))
+  state = tx.init(params)
+  assert jax.dtypes.issubdtype(state[0].rng_key.dtype, jax.dtypes.prng_key)
+  as_data = jax.tree.map(lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key) else x, state)
+  expected = sum(np.asarray(x).nbytes for x in jax.tree.leaves(as_data))
+  assert flora_optax.state_bytes(state) == expected               # 0.1.0: TypeError
+  assert flora_optax.state_bytes(jax.eval_shape(tx.init, params)) == expected
+
