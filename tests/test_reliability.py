@@ -363,3 +363,16 @@ def test_state_bytes_counts_typed_prng_keys():
   assert flora_optax.state_bytes(state) == expected               # 0.1.0: TypeError
   assert flora_optax.state_bytes(jax.eval_shape(tx.init, params)) == expected
 
+
+def test_state_shardings_of_a_bare_array_keep_the_buffer_sharded():
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+  sharding = NamedSharding(mesh, P("data", None))
+  tx = flora_optax.flora_momentum(rank=4)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")   # 0.1.0: "matches no rule and is replicated"
+    bare = flora_optax.state_shardings(tx, jnp.zeros((32, 16)), sharding)
+  in_dict = flora_optax.state_shardings(tx, {"w": jnp.zeros((32, 16))}, {"w": sharding})
+  assert in_dict.compressed_mu["w"].parts["c"].spec == P("data", None)
+  assert bare.compressed_mu.parts["c"].spec == P("data", None)
+  assert bare.key_data.spec == P()
+
