@@ -376,3 +376,12 @@ def test_state_shardings_of_a_bare_array_keep_the_buffer_sharded():
   assert bare.compressed_mu.parts["c"].spec == P("data", None)
   assert bare.key_data.spec == P()
 
+
+def test_memory_report_counts_a_complex_naive_buffer():
+  params = {"c": jnp.zeros((64, 32), jnp.complex64)}
+  report = flora_optax.memory_report(params, rank=4)
+  ema_bytes = flora_optax.state_bytes(optax.ema(0.9).init(params).ema)
+  assert ema_bytes == 16384
+  assert report.naive_bytes == ema_bytes                            # 0.1.0: 8192
+  assert report.flora_bytes == ema_bytes   # not compressed: the same complex buffer
+
