@@ -385,3 +385,21 @@ def test_memory_report_counts_a_complex_naive_buffer():
   assert report.naive_bytes == ema_bytes                            # 0.1.0: 8192
   assert report.flora_bytes == ema_bytes   # not compressed: the same complex buffer
 
+
+def test_a_changed_compressed_side_is_caught_by_the_params_saved_beside_the_state(tmp_path):
+  # The projection's buffer of a (256, 96) leaf has the shape of a (256, 128) one's, and a
+  # restore takes the static layout from its target: docs/howto/flax.md says so, and that
+  # the parameters saved beside the state (its recipe) catch the change.
+  ocp = pytest.importorskip("orbax.checkpoint")
+  tx = flora_optax.flora_momentum(rank=8)
+  old = {"w": jnp.ones((256, 96))}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "ckpt", {"params": old, "opt_state": tx.init(old)})
+  new = {"w": jnp.ones((256, 128))}
+  abstract = {"params": jax.eval_shape(lambda p: p, new),
+              "opt_state": jax.eval_shape(tx.init, new)}
+  assert (abstract["opt_state"].compressed_mu["w"].parts["c"].shape
+          == tx.init(old).compressed_mu["w"].parts["c"].shape)
+  with ocp.StandardCheckpointer() as checkpointer:
+    with pytest.raises(ValueError, match=r"\(256, 128\).*\(256, 96\)"):
+      checkpointer.restore(tmp_path / "ckpt", abstract)
