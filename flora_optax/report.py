@@ -73,9 +73,13 @@ def state_bytes(tree: Any) -> int:
   """Total bytes of the arrays (or ``jax.ShapeDtypeStruct``) in a tree.
 
   Use ``state_bytes(jax.eval_shape(tx.init, params))`` to size a state without building it.
+  A typed PRNG key array (``optax.add_noise`` keeps one) counts its key data.
   """
-  return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(tree)))
+  def nbytes(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.eval_shape(jax.random.key_data, x)  # key<fry> has no NumPy itemsize
+    return math.prod(x.shape) * np.dtype(x.dtype).itemsize
+  return int(sum(nbytes(x) for x in jax.tree.leaves(tree)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +147,7 @@ def memory_report(params: Any, rank: int, **compression) -> MemoryReport:
   """Bytes of one Flora buffer (momentum or accumulator) per leaf, against a naive one.
 
   The naive buffer is a full-size array of the storage ``dtype`` per leaf (what
-  ``optax.ema`` or ``optax.MultiSteps`` keep). Each row shows the arrays a compressed leaf
+  ``optax.ema`` or ``optax.MultiSteps`` keep), complex for a complex leaf. Each row shows the arrays a compressed leaf
   is stored in (one for the projection; the range and co-range sketches for
   ``sketch="two_sided"``). Counters and key data (a few bytes per transform) are not
   included; use :func:`state_bytes` on a real state for the exact total.
@@ -162,6 +166,9 @@ def memory_report(params: Any, rank: int, **compression) -> MemoryReport:
                              _buffers.nodes(buffers)):
     shapes = ({k: tuple(v.shape) for k, v in buf.parts.items()} if _buffers.is_compressed(buf)
               else {"full": tuple(buf.shape)})
+    # A complex leaf's full buffer is complex (optax.ema's, and Flora's own uncompressed one).
+    naive_itemsize = (np.dtype(jax.numpy.promote_types(options.dtype, leaf.dtype)).itemsize
+                      if jax.numpy.iscomplexobj(leaf) else itemsize)
     rows.append(LeafMemory(name, tuple(np.shape(leaf)), _buffers.is_compressed(buf), shapes,
-                           state_bytes(buf), math.prod(np.shape(leaf)) * itemsize))
+                           state_bytes(buf), math.prod(np.shape(leaf)) * naive_itemsize))
   return MemoryReport(rank=options.rank, leaves=tuple(rows))
