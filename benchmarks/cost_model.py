@@ -127,6 +127,9 @@ def projection_flops(node) -> tuple[float, float]:
   if isinstance(sketch, _sketches.TwoSided):
     k, l = sketch.sizes(leaf.n, leaf.m)
     return 2.0 * batch * leaf.n * leaf.m * (k + l), 2.0 * batch * leaf.n * leaf.m * k
+  if isinstance(sketch, _sketches.OnlineFactors):  # G Q and Qᵀ G in; B A out
+    k = sketch.sizes(leaf.n, leaf.m)
+    return 4.0 * batch * leaf.n * leaf.m * k, 2.0 * batch * leaf.n * leaf.m * k
   per = 2.0 * batch * leaf.n * leaf.m * leaf.rank
   return per, per
 
@@ -423,6 +426,14 @@ def configs() -> list[Config]:
              pin={"cycle_step": 1}, variant=True),
       Config("flora_adafactor emit=residual", lambda r: fa(LR, r, emit="residual"),
              "adafactor", 2, 2, variant=True),
+      Config("flora_adafactor sketch=two_sided emit=residual",
+             lambda r: fa(LR, r, sketch="two_sided", emit="residual"), "adafactor", 1, 2,
+             variant=True),
+      Config("flora_adafactor sketch=factors", lambda r: fa(LR, r, sketch="factors"),
+             "adafactor", 1, 1, variant=True),
+      Config("flora_adafactor sketch=factors emit=residual",
+             lambda r: fa(LR, r, sketch="factors", emit="residual"), "adafactor", 1, 2,
+             variant=True),
       Config("optax.ema(0.9)", lambda r: optax.ema(0.9), "momentum alone", ranked=False),
       Config("flora_optax.int8_ema(0.9)", lambda r: flora_optax.int8_ema(0.9),
              "momentum alone", ranked=False),
@@ -430,6 +441,12 @@ def configs() -> list[Config]:
              "momentum alone", 1, 1),
       Config("optax.adamw", lambda r: optax.adamw(LR), "adamw", ranked=False),
       Config("flora_adamw", lambda r: flora_optax.flora_adamw(LR, r), "adamw", 1, 1),
+      Config("flora_adamw sketch=two_sided",
+             lambda r: flora_optax.flora_adamw(LR, r, sketch="two_sided"), "adamw", 1, 1,
+             variant=True),
+      Config("flora_adamw sketch=factors",
+             lambda r: flora_optax.flora_adamw(LR, r, sketch="factors"), "adamw", 1, 1,
+             variant=True),
       # Muon's update is dominated by Newton–Schulz (5 steps, each ~4·n·m·min(n, m) flops):
       # the same in both; flora_muon adds the projection of its momentum.
       Config("optax.contrib.muon", lambda r: optax.contrib.muon(LR), "muon", ranked=False),
@@ -440,6 +457,14 @@ def configs() -> list[Config]:
              ranked=False),
       Config(f"flora_accumulate(adafactor, {K_ACCUMULATE})", acc, "accumulation", 1, 0,
              pin={"mini_step": 0}),
+      Config(f"flora_accumulate(adafactor, {K_ACCUMULATE}) sketch=two_sided",
+             lambda r: flora_optax.flora_accumulate(optax.adafactor(LR), K_ACCUMULATE, r,
+                                                    sketch="two_sided"),
+             "accumulation", 1, 0, pin={"mini_step": 0}, variant=True),
+      Config(f"flora_accumulate(adafactor, {K_ACCUMULATE}) sketch=factors",
+             lambda r: flora_optax.flora_accumulate(optax.adafactor(LR), K_ACCUMULATE, r,
+                                                    sketch="factors"),
+             "accumulation", 1, 0, pin={"mini_step": 0}, variant=True),
   ]
 
 

@@ -97,8 +97,10 @@ def flora_momentum(
     normalising step after it (``optax.clip_by_block_rms``, as :func:`flora_adafactor` does)
     or lower the learning rate. The two-sided sketch does not inflate.
 
-  Non-finite updates propagate into the state exactly as with ``optax.ema``; wrap the chain
-  in ``optax.apply_if_finite`` to skip such steps.
+  Non-finite updates propagate into the state as with ``optax.ema``, but further: one NaN
+  entry of a gradient spreads to its whole row (or column) of a projection's buffer, and to
+  the whole leaf of a two-sided sketch. Wrap the chain in ``optax.apply_if_finite`` to skip
+  such steps.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, flora_optax

@@ -73,10 +73,14 @@ def state_bytes(tree: Any) -> int:
   """Total bytes of the arrays (or ``jax.ShapeDtypeStruct``) in a tree.
 
   Use ``state_bytes(jax.eval_shape(tx.init, params))`` to size a state without building it.
-  An int8 buffer counts its codes and its float32 block scales.
+  An int8 buffer counts its codes and its float32 block scales; a typed PRNG key array
+  (``optax.add_noise`` keeps one) counts its key data.
   """
-  return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(tree)))
+  def nbytes(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.eval_shape(jax.random.key_data, x)  # key<fry> has no NumPy itemsize
+    return math.prod(x.shape) * np.dtype(x.dtype).itemsize
+  return int(sum(nbytes(x) for x in jax.tree.leaves(tree)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +155,8 @@ def memory_report(params: Any, rank: int, **compression) -> MemoryReport:
 
   The naive buffer is a full-size array of the storage ``dtype`` per leaf (what
   ``optax.ema`` or ``optax.MultiSteps`` keep; for ``dtype="int8"`` its codes and block
-  scales, what :func:`flora_optax.int8_ema` keeps). Flora's bytes include the float32 block
-  scales of int8 buffers. Each row shows the arrays a compressed leaf
+  scales, what :func:`flora_optax.int8_ema` keeps), complex for a complex leaf. Flora's bytes
+  include the float32 block scales of int8 buffers. Each row shows the arrays a compressed leaf
   is stored in (one for the projection; the range and co-range sketches for
   ``sketch="two_sided"``). Counters and key data (a few bytes per transform) are not
   included; use :func:`state_bytes` on a real state for the exact total.
@@ -170,6 +174,10 @@ def memory_report(params: Any, rank: int, **compression) -> MemoryReport:
                              _buffers.nodes(buffers)):
     shapes = ({k: tuple(v.shape) for k, v in buf.parts.items()} if _buffers.is_compressed(buf)
               else {"full": tuple(buf.shape)})
+    # A complex leaf's full buffer is complex (optax.ema's, and Flora's own uncompressed one).
+    naive_bytes = (math.prod(np.shape(leaf)) * np.dtype(jax.numpy.promote_types(
+        options.dtype, leaf.dtype)).itemsize if jax.numpy.iscomplexobj(leaf)
+                   else _naive_bytes(np.shape(leaf), options.dtype))
     rows.append(LeafMemory(name, tuple(np.shape(leaf)), _buffers.is_compressed(buf), shapes,
-                           state_bytes(buf), _naive_bytes(np.shape(leaf), options.dtype)))
+                           state_bytes(buf), naive_bytes))
   return MemoryReport(rank=options.rank, leaves=tuple(rows))

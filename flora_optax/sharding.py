@@ -84,8 +84,11 @@ def state_shardings(tx: Any, params: Any, param_shardings: Any) -> Any:
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def is_params_like(node):
-    if node is None or _buffers.is_compressed(node):
+    if node is None:
       return False
+    if _buffers.is_compressed(node):
+      # A bare array is a tree of one leaf (optax allows it): its buffer is the node itself.
+      return jax.tree_util.treedef_is_leaf(params_def)
     try:
       params_def.flatten_up_to(node)
     except (ValueError, TypeError):

@@ -100,7 +100,8 @@ def test_compressed_state_is_the_orthogonalized_view(rng):
   assert state.inner_states["adam"].inner_state[0].mu["bias"].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("options", [dict(), dict(sketch="two_sided", dtype="bfloat16")])
+@pytest.mark.parametrize("options", [dict(), dict(sketch="two_sided", dtype="bfloat16"),
+                                     dict(sketch="factors")])
 def test_trains_a_regression(options, rng):
   """Least squares on a 64x96 weight at rank 16, 60 steps: measured 0.075 of the start loss
   for optax.contrib.muon, 0.135 for the projection, 0.107 for the two-sided sketch."""

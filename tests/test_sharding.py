@@ -186,9 +186,10 @@ def test_compressed_buffers_are_sharded(multidevice, name):
   assert multidevice[name]["buffers"]["accumulator/wide"]["shape"] == [8, 128]
 
 
+@pytest.mark.parametrize("sketch", ["two_sided", "factors"])
 @pytest.mark.parametrize("name", MESHES)
-def test_two_sided_sketch_under_sharding(multidevice, name):
-  result = multidevice[name]["two_sided"]
+def test_two_sided_sketch_and_factors_under_sharding(multidevice, name, sketch):
+  result = multidevice[name][sketch]
   assert result["max_abs_diff"] < 1e-4, result
   assert result["full_allgathers"] == []
 

@@ -52,6 +52,9 @@ CONFIGS = {
     # the restore at 6): the re-sketch through the reconstruction's factors must resume too.
     "adamw_two_sided": (lambda: flora_optax.flora_adamw(
         1e-2, rank=4, kappa=4, sketch="two_sided", axes=AXES), 6, 11),
+    # Online factors: the momentum and a wrapping accumulator (A kept across cycles).
+    "factors": (lambda: flora_optax.flora_accumulate(flora_optax.flora_adamw(
+        1e-2, rank=4, sketch="factors", axes=AXES), 3, 4, sketch="factors", axes=AXES), 7, 13),
 }
 
 
@@ -125,9 +128,10 @@ def restore_and_continue(ckpt_root, devices):
       is_momentum = lambda x: isinstance(x, flora_optax.FloraMomentumState)  # noqa: E731
       momentum = next(s for s in jax.tree.leaves(restored["opt_state"], is_leaf=is_momentum)
                       if is_momentum(s))
-      # (the projection's "c", or the two-sided sketch's range sketch: both keep the rows)
+      # (the projection's "c", the two-sided sketch's range sketch or the factor B: all keep
+      # the rows)
       parts = momentum.compressed_mu["stack"].parts
-      spec = parts["c" if "c" in parts else "range"].sharding.spec
+      spec = next(parts[k] for k in ("c", "range", "b") if k in parts).sharding.spec
       results[f"{name}/stack_spec"] = np.asarray(str(spec))
     _, opt_state, trajectory = run(make_step(tx), restored["params"], restored["opt_state"],
                                    save_at, total)
