@@ -369,14 +369,15 @@ def fold(buffers, updates, draws, compute_dtype, *, mix, rate, scaled=None):
   return map_leaves(one, buffers, updates, draws, scaled)
 
 
-def decompress(buffers, draws, residual=None):
-  """Every buffer at full size; with a `residual` tree, plus its part outside the subspace."""
+def decompress(buffers, draws, residual=None, residual_scale=1.0):
+  """Every buffer at full size; with a `residual` tree, plus ``residual_scale`` times its part
+  outside the subspace."""
   if residual is None:
     residual = map_leaves(lambda _: None, buffers)
 
   def one(buf, d, r):
     if is_compressed(buf):
-      return buf.sketch.decompress(buf.parts, d.arrays, buf.leaf, r)
+      return buf.sketch.decompress(buf.parts, d.arrays, buf.leaf, r, residual_scale)
     return buf
   return jax.tree.map(one, buffers, draws, residual,
                       is_leaf=lambda x: is_compressed(x) or x is None)

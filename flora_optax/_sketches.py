@@ -96,8 +96,11 @@ class Sketch(abc.ABC):
     """
 
   @abc.abstractmethod
-  def decompress(self, parts, draws, leaf: LeafLayout, residual=None) -> jax.Array:
-    """Buffers to a full-size leaf; with `residual`, add its part outside the subspace."""
+  def decompress(self, parts, draws, leaf: LeafLayout, residual=None,
+                 residual_scale=1.0) -> jax.Array:
+    """Buffers to a full-size leaf; with `residual`, add ``residual_scale`` times its part
+    outside the subspace. (The residual comes unscaled so that its down-projection is the
+    same computation as the fold's, which XLA then does once.)"""
 
   @abc.abstractmethod
   def transfer(self, parts, old, new, leaf: LeafLayout, how) -> dict[str, jax.Array]:
@@ -159,20 +162,25 @@ class RandomProjection(Sketch):
     c = self._mm("...rn,...nm->...rm", a, x)
     return {"c": c if kept is None else c * kept[..., None, :]}
 
-  def decompress(self, parts, draws, leaf, residual=None):
+  def decompress(self, parts, draws, leaf, residual=None, residual_scale=1.0):
     c, a = parts["c"], draws["a"]
     cols = leaf.side == "cols"
-    x = self._mm("...nr,...rm->...nm", c, a) if cols else self._mm("...rn,...rm->...nm", a, c)
+    r = None
     if residual is not None:
-      # Add (I - P) residual, P the orthogonal projector on the rows (or columns) of A.
-      r = leaf.to_matrix(residual).astype(x.dtype)
+      # C A + s (I - P) R = (C - s (AAᵀ)⁻¹ A R…) A + s R, P the orthogonal projector on the
+      # rows of A (on the side it compresses): one up-projection, and the down-projection of
+      # R is compress(R), the fold's own.
+      r = leaf.to_matrix(residual).astype(c.dtype)
+      down = self.compress(residual, draws, leaf)["c"]
       gram = self._mm("...rd,...sd->...rs", a, a)
       if cols:
-        coef = jnp.swapaxes(solve_gram(gram, self._mm("...rd,...nd->...rn", a, r)), -1, -2)
-        x = x + r - self._mm("...nr,...rm->...nm", coef, a)
+        c = c - residual_scale * jnp.swapaxes(
+            solve_gram(gram, jnp.swapaxes(down, -1, -2)), -1, -2)
       else:
-        coef = solve_gram(gram, self._mm("...rn,...nm->...rm", a, r))
-        x = x + r - self._mm("...rn,...rm->...nm", a, coef)
+        c = c - residual_scale * solve_gram(gram, down)
+    x = self._mm("...nr,...rm->...nm", c, a) if cols else self._mm("...rn,...rm->...nm", a, c)
+    if r is not None:
+      x = x + residual_scale * r
     return leaf.from_matrix(x)
 
   def transfer(self, parts, old, new, leaf, how):
@@ -272,12 +280,15 @@ class TwoSided(Sketch):
                               precision=hp))
     return q, b
 
-  def decompress(self, parts, draws, leaf, residual=None):
+  def decompress(self, parts, draws, leaf, residual=None, residual_scale=1.0):
     q, b = self.factors(parts, draws)
+    r = None
+    if residual is not None:  # Q B + s (I - QQᵀ) R = Q (B - s QᵀR) + s R: one up-projection
+      r = self._to(residual, leaf).astype(b.dtype)
+      b = b - residual_scale * self._mm("...Nk,...NM->...kM", q, r)
     x = self._mm("...Nk,...kM->...NM", q, b)
-    if residual is not None:
-      r = self._to(residual, leaf).astype(x.dtype)
-      x = x + r - self._mm("...Nk,...kM->...NM", q, self._mm("...Nk,...NM->...kM", q, r))
+    if r is not None:
+      x = x + residual_scale * r
     return self._from(x, leaf)
 
   def transfer(self, parts, old, new, leaf, how):
@@ -381,16 +392,18 @@ class OnlineFactors(Sketch):
     # A keeps the subspace of the last mean (a warm start); the product is zero.
     return {"b": jnp.zeros_like(parts["b"]), "a": parts["a"]}
 
-  def decompress(self, parts, draws, leaf, residual=None):
+  def decompress(self, parts, draws, leaf, residual=None, residual_scale=1.0):
     del draws
     b, a = parts["b"], parts["a"]
-    x = self._mm("...nk,...km->...nm", b, a)
-    if residual is not None:
-      # Add (I - P) residual, P = Q Qᵀ the projector on the row space of A (Aᵀ = Q R).
-      r = leaf.to_matrix(residual).astype(x.dtype)
-      q, _ = jnp.linalg.qr(jnp.swapaxes(a, -1, -2))
-      x = x + r - self._mm("...nk,...mk->...nm", self._mm("...nm,...mk->...nk", r, q), q)
-    return leaf.from_matrix(x)
+    if residual is None:
+      return leaf.from_matrix(self._mm("...nk,...km->...nm", b, a))
+    # B A + s (I - P) R with P = Q Qᵀ the projector on A's rows (Aᵀ = Q T):
+    # B A = (B Tᵀ) Qᵀ, so the whole is (B Tᵀ - s R Q) Qᵀ + s R, one up-projection.
+    r = leaf.to_matrix(residual).astype(b.dtype)
+    q, t = jnp.linalg.qr(jnp.swapaxes(a, -1, -2))
+    left = self._mm("...nk,...jk->...nj", b, t) - residual_scale * self._mm(
+        "...nm,...mk->...nk", r, q)
+    return leaf.from_matrix(self._mm("...nk,...mk->...nm", left, q) + residual_scale * r)
 
   def transfer(self, parts, old, new, leaf, how):
     """Nothing to move: the factors follow the updates and are never resampled."""

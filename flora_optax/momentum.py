@@ -189,9 +189,8 @@ def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="
       out = jax.tree.map(lambda m, g: decay * m + (1 - decay) * g,
                          _buffers.decompress(mu, draws), updates)
     else:
-      residual = (jax.tree.map(lambda g: (1 - decay) * g, updates) if emit == "residual"
-                  else None)
-      out = _buffers.decompress(new_mu, draws, residual)
+      out = _buffers.decompress(new_mu, draws, updates if emit == "residual" else None,
+                                residual_scale=1 - decay)
     cycle_step = jnp.where(resample, 1, optax.safe_increment(state.cycle_step))
     return rebox(optax.tree.cast_like(out, updates)), FloraMomentumState(
         count=optax.safe_increment(state.count), cycle=cycle, cycle_step=cycle_step,
