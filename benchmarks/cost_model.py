@@ -424,10 +424,11 @@ def configs() -> list[Config]:
              "adafactor", 1, 1, variant=True),
       Config("flora_adafactor dtype=int8", lambda r: fa(LR, r, dtype="int8"), "adafactor", 1, 1,
              pin={"cycle_step": 1}, variant=True),
+      # The residual's down-projection is the fold's own, and it shares the up-projection.
       Config("flora_adafactor emit=residual", lambda r: fa(LR, r, emit="residual"),
-             "adafactor", 2, 2, variant=True),
+             "adafactor", 1, 1, variant=True),
       Config("flora_adafactor sketch=two_sided emit=residual",
-             lambda r: fa(LR, r, sketch="two_sided", emit="residual"), "adafactor", 1, 2,
+             lambda r: fa(LR, r, sketch="two_sided", emit="residual"), "adafactor", 1, 1,
              variant=True),
       Config("flora_adafactor sketch=factors", lambda r: fa(LR, r, sketch="factors"),
              "adafactor", 1, 1, variant=True),
