@@ -426,6 +426,11 @@ def configs() -> list[Config]:
              "momentum alone", 1, 1),
       Config("optax.adamw", lambda r: optax.adamw(LR), "adamw", ranked=False),
       Config("flora_adamw", lambda r: flora_optax.flora_adamw(LR, r), "adamw", 1, 1),
+      # Muon's update is dominated by Newton–Schulz (5 steps, each ~4·n·m·min(n, m) flops):
+      # the same in both; flora_muon adds the projection of its momentum.
+      Config("optax.contrib.muon", lambda r: optax.contrib.muon(LR), "muon", ranked=False),
+      Config("flora_muon", lambda r: flora_optax.flora_muon(LR, r), "muon", 1, 1,
+             pin={"cycle_step": 1}),
       Config(f"optax.MultiSteps(adafactor, {K_ACCUMULATE})",
              lambda r: optax.MultiSteps(optax.adafactor(LR), K_ACCUMULATE), "accumulation",
              ranked=False),
@@ -436,7 +441,7 @@ def configs() -> list[Config]:
 
 QUICK = ("optax.adafactor", "optax.adafactor momentum=0.9 (naive)", "flora_adafactor",
          "flora_adafactor, unfolded chain",
-         "optax.ema(0.9)", "flora_momentum kappa=None")
+         "optax.ema(0.9)", "flora_momentum kappa=None", "optax.contrib.muon", "flora_muon")
 
 
 def measure(config: Config, size: str, dtype, rank: int, check_pin: bool) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Exact optimizer-state bytes of Flora, naive Adafactor momentum/accumulation and GaLore.
+"""Exact optimizer-state bytes of Flora, naive Adafactor momentum/accumulation, GaLore and Muon.
 
 Nothing is allocated: parameter trees are ``jax.ShapeDtypeStruct``s and every state is sized
 with ``flora_optax.state_bytes(jax.eval_shape(tx.init, params))``.
@@ -49,6 +49,14 @@ def galore_dims_without_embedding(params):
       if p.ndim == 2 and not is_token_embedding(path) else None, params)
 
 
+def muon_dims_without_embedding(params):
+  """Muon dimension numbers of Jordan's recipe: every 2-D leaf except the token embedding,
+  which goes to the Adam fallback with the vectors."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: optax.contrib.MuonDimensionNumbers()
+      if p.ndim == 2 and not is_token_embedding(path) else None, params)
+
+
 def optimizers(rank: int, compress_embedding: bool,
                factor: dict) -> dict[str, optax.GradientTransformation]:
   """The rank-dependent optimizers, with the token embedding compressed or not."""
@@ -61,6 +69,7 @@ def optimizers(rank: int, compress_embedding: bool,
           optax.adafactor(LEARNING_RATE, **factor), ACCUMULATE_EVERY, rank, mask=flora_mask),
       "galore (adam)": optax.contrib.galore(
           LEARNING_RATE, rank=rank, weight_dimension_numbers=galore_dims),
+      "flora muon": flora_optax.flora_muon(LEARNING_RATE, rank, mask=flora_mask),
   }
 
 
@@ -69,7 +78,40 @@ BASELINES = {
     "naive momentum": lambda factor: optax.adafactor(LEARNING_RATE, momentum=0.9, **factor),
     "naive accumulation": lambda factor: optax.MultiSteps(
         optax.adafactor(LEARNING_RATE, **factor), ACCUMULATE_EVERY),
+    "optax.contrib.muon": lambda factor: optax.contrib.muon(LEARNING_RATE),
 }
+
+
+def muon_rows(name: str, params: Any, rank: int) -> list[dict[str, Any]]:
+  """``flora_muon`` against ``optax.contrib.muon`` at one rank, for the three places the token
+  embedding can be: a Muon leaf with its momentum compressed, a Muon leaf with a full momentum
+  (``mask``), or in the Adam fallback (both optimizers then keep Adam's two full buffers)."""
+  full_muon = state_size(optax.contrib.muon(LEARNING_RATE), params)
+  adam_embedding = muon_dims_without_embedding
+  routes = {
+      "muon, compressed": (dict(), full_muon),
+      "muon, full momentum": (dict(mask=flora_mask_without_embedding), full_muon),
+      "adam fallback": (dict(muon_weight_dimension_numbers=adam_embedding),
+                        state_size(optax.contrib.muon(
+                            LEARNING_RATE, muon_weight_dimension_numbers=adam_embedding),
+                            params)),
+  }
+  rows = []
+  for embedding, (options, muon_bytes) in routes.items():
+    state = state_size(flora_optax.flora_muon(LEARNING_RATE, rank, **options), params)
+    rows.append({"model": name, "rank": rank, "embedding": embedding, "state_bytes": state,
+                 "muon_state_bytes": muon_bytes, "state_over_muon": state / muon_bytes,
+                 "state_over_full_muon": state / full_muon})
+  return rows
+
+
+def muon_markdown(rows: list[dict[str, Any]]) -> str:
+  header = ["model", "rank", "token embedding", "flora_muon state", "optax.contrib.muon state "
+            "(same routing)", "ratio", "ratio to muon with the embedding in Muon"]
+  return _harness.markdown_table(header, [
+      [r["model"], r["rank"], r["embedding"], fmt_bytes(r["state_bytes"]),
+       fmt_bytes(r["muon_state_bytes"]), f"{r['state_over_muon']:.3f}",
+       f"{r['state_over_full_muon']:.3f}"] for r in rows])
 
 
 def state_size(tx: optax.GradientTransformation, params: Any) -> int:
@@ -153,7 +195,7 @@ def plot(rows: list[dict[str, Any]], path) -> None:
         ax.annotate(r["optimizer"], (0.02, r["state_over_params"]),
                     xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
     for label, marker in (("flora momentum", "o"), ("flora accumulation", "s"),
-                          ("galore (adam)", "^")):
+                          ("galore (adam)", "^"), ("flora muon", "D")):
       for compressed, style in ((True, "-"), (False, "--")):
         points = [(r["rank"], r["state_over_params"]) for r in model_rows
                   if r["optimizer"] == label and r["embedding_compressed"] == compressed]
@@ -173,12 +215,15 @@ def plot(rows: list[dict[str, Any]], path) -> None:
 def main() -> None:
   args = _harness.arg_parser(__doc__, "GPT-2 small and the demo only").parse_args()
   start = time.perf_counter()
-  rows = []
+  rows, muon = [], []
   for name, (params, ranks, factor) in models(args.quick).items():
     rows.extend(measure_model(name, params, ranks, factor))
+    if name.startswith("gpt2"):  # flora_muon at rank d/4 against optax.contrib.muon
+      muon.extend(muon_rows(name, params, _harness.GPT2[name[len("gpt2-"):]].width // 4))
   out = _harness.results_dir("memory", args.quick, args.out)
-  table = markdown(rows)
-  _harness.write_report(out, "memory", {"rows": rows}, table)
+  table = (markdown(rows) + "\n\n## flora_muon against optax.contrib.muon, rank d/4\n\n"
+           + muon_markdown(muon))
+  _harness.write_report(out, "memory", {"rows": rows, "muon": muon}, table)
   plot(rows, _harness.figures_dir("memory", args.quick, args.out) / "memory.png")
   print(table)
   print(f"\nwrote {out} in {time.perf_counter() - start:.1f} s")

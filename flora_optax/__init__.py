@@ -8,7 +8,7 @@ resamples them over time so the updates stay full-rank.
 Layers, bottom up: ``_layout`` (which leaves, which matrix views), ``_options`` (options,
 checks, keys), ``_sketches`` (the compression methods), ``_buffers`` (trees of compressed
 buffers: the one pipeline), the transforms (``momentum``, ``accumulation``,
-``microbatching``), ``alias`` (chains), and ``report``, ``sharding``, ``multihost``.
+``microbatching``), ``alias`` and ``muon`` (chains), and ``report``, ``sharding``, ``multihost``.
 """
 
 from flora_optax._buffers import Compressed
@@ -25,6 +25,7 @@ from flora_optax.alias import (
 from flora_optax.microbatching import compressed_mean
 from flora_optax.momentum import FloraMomentumState, flora_momentum
 from flora_optax.multihost import check_processes_agree
+from flora_optax.muon import flora_muon, scale_by_flora_muon, scale_by_muon_shape
 from flora_optax.report import LeafMemory, MemoryReport, memory_report, projections, state_bytes
 from flora_optax.sharding import state_shardings
 
@@ -46,10 +47,13 @@ __all__ = [
     "flora_adafactor",
     "flora_adamw",
     "flora_momentum",
+    "flora_muon",
     "has_updated",
     "memory_report",
     "projections",
     "scale_by_flora_adam",
+    "scale_by_flora_muon",
+    "scale_by_muon_shape",
     "state_bytes",
     "state_shardings",
 ]

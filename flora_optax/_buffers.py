@@ -7,8 +7,8 @@ are static metadata, so a state carries its own plan through ``jit``, checkpoint
 are not compressed are plain arrays with exactly ``optax``'s arithmetic.
 
 The transforms use whole-tree operations only: :func:`init`, :func:`check`,
-:func:`draw`, :func:`compress`, :func:`decompress`, :func:`transfer`, :func:`to_compute`,
-:func:`store`.
+:func:`draw`, :func:`fold` (or :func:`compress` for a linear accumulation), :func:`decompress`,
+:func:`transfer`, :func:`reset`, :func:`to_compute`, :func:`store`.
 """
 
 from __future__ import annotations
@@ -66,9 +66,14 @@ def nodes(buffers) -> list:
 # ----------------------------------------------------------------------------- build and check
 
 
-def init(params, options: _options.Compression, extra_spec=(), *, plain_dtype=None):
-  """Zero buffers for `params`. Plain (uncompressed) leaves are stored in ``plain_dtype`` if
-  given, else the storage dtype (complex leaves keep a complex buffer)."""
+def init(params, options: _options.Compression, extra_spec=(), *, plain_dtype=None,
+         key_data=None):
+  """The buffers of zero for `params`. Plain (uncompressed) leaves are stored in
+  ``plain_dtype`` if given, else the storage dtype (complex leaves keep a complex buffer).
+
+  A method that starts from a random state (``sketch="factors"``) draws it from the leaf's
+  key of cycle 0 under `key_data` (the transform's base key); without `key_data` (shapes
+  only, e.g. under ``jax.eval_shape``) its buffers are zeros."""
   sketch = _sketches.make_sketch(options)
   layouts = _layout.plan_tree(params, rank=options.rank, mask=options.mask, axes=options.axes,
                               side=options.side, fits=sketch.fits)
@@ -80,8 +85,12 @@ def init(params, options: _options.Compression, extra_spec=(), *, plain_dtype=No
       if jnp.iscomplexobj(leaf):
         dtype = jnp.promote_types(dtype, jnp.result_type(leaf))
       return jnp.zeros(jnp.shape(leaf), dtype)
-    parts = {name: jnp.zeros(shape, options.dtype)
-             for name, shape in sketch.buffer_shapes(layout).items()}
+    if key_data is None:
+      parts = {name: jnp.zeros(shape, options.dtype)
+               for name, shape in sketch.buffer_shapes(layout).items()}
+    else:
+      key = _options.leaf_key(key_data, options.prng_impl, np.uint32(layout.key_id), 0)
+      parts = {name: x.astype(options.dtype) for name, x in sketch.initial(key, layout).items()}
     return Compressed(parts, layout, sketch, spec)
 
   flat, treedef = _layout.flatten(params)
@@ -167,6 +176,25 @@ def compress(buffers, updates, draws, compute_dtype, scaled=None):
   return map_leaves(one, buffers, updates, draws, scaled)
 
 
+def fold(buffers, updates, draws, compute_dtype, *, mix, rate, scaled=None):
+  """Each buffer with its update folded in, ``(1 - rate)·old + rate·new``.
+
+  Plain leaves and linear sketches combine entry-wise by ``mix(old, new)``, the transform's
+  exact arithmetic (an EMA, Welford's mean), on compressed updates; a method that is not
+  linear folds at `rate` itself (:meth:`_sketches.Sketch.fold`). `scaled` as in
+  :func:`compress`."""
+  if scaled is None:
+    scaled = map_leaves(lambda _: None, buffers)
+
+  def one(buf, g, d, s):
+    if is_compressed(buf):
+      x, scale = (g, None) if s is None else (s.x, (s.rows, s.cols))
+      return dataclasses.replace(
+          buf, parts=buf.sketch.fold(buf.parts, x, d.arrays, buf.leaf, mix, rate, scale))
+    return mix(buf, g.astype(jnp.promote_types(compute_dtype, g.dtype)))
+  return map_leaves(one, buffers, updates, draws, scaled)
+
+
 def decompress(buffers, draws, residual=None):
   """Every buffer at full size; with a `residual` tree, plus its part outside the subspace."""
   if residual is None:
@@ -196,8 +224,11 @@ def to_compute(buffers, compute_dtype):
   return jax.tree.map(lambda x: x.astype(jnp.promote_types(compute_dtype, x.dtype)), buffers)
 
 
-def zeros_like(buffers):
-  return jax.tree.map(jnp.zeros_like, buffers)
+def reset(buffers):
+  """The buffers of zero, following `buffers` (a method may keep what is not the value: the
+  factors keep ``A``, the subspace of the last mean, as a warm start)."""
+  return map_leaves(lambda buf: dataclasses.replace(buf, parts=buf.sketch.reset(buf.parts))
+                    if is_compressed(buf) else jnp.zeros_like(buf), buffers)
 
 
 # ----------------------------------------------------------------------------- storage

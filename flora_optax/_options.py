@@ -16,7 +16,7 @@ import numpy as np
 
 from flora_optax import _layout
 
-SKETCHES = ("projection", "two_sided")
+SKETCHES = ("projection", "two_sided", "factors")
 PROJECTIONS = ("gaussian", "orthogonal", "rademacher", "dct")
 SIDES = ("smaller", "larger", "rows", "cols")
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
@@ -113,8 +113,10 @@ class Compression:
   Attributes:
     rank: the memory of a compressed leaf is about ``rank × max(n, m)`` numbers for every
       sketch (static int).
-    sketch: ``"projection"`` (the paper's one-sided random projection) or ``"two_sided"``
-      (a range and a co-range sketch, reconstructed as a rank-``k`` approximation).
+    sketch: ``"projection"`` (the paper's one-sided random projection), ``"two_sided"``
+      (a range and a co-range sketch, reconstructed as a rank-``k`` approximation) or
+      ``"factors"`` (online low-rank factors ``B A``, LoRA-Pre's method: not a random
+      sketch; the subspace follows the updates).
     projection: kind of one-sided projection: ``"gaussian"`` (the paper's),
       ``"orthogonal"`` (Haar rows by a QR), ``"dct"`` (orthogonal rows without a QR: random
       signs, a DCT, random rows) or ``"rademacher"``.
@@ -147,10 +149,9 @@ class Compression:
     check_choice(self.projection, PROJECTIONS, "projection")
     check_choice(self.side, SIDES, "side")
     check_choice(self.prng_impl, PRNG_IMPLS, "prng_impl")
-    if self.sketch == "two_sided" and (self.projection, self.side) != ("gaussian", "smaller"):
+    if self.sketch != "projection" and (self.projection, self.side) != ("gaussian", "smaller"):
       raise ValueError(f"projection={self.projection!r} and side={self.side!r} apply to "
-                       f"sketch='projection' only; the two-sided sketch draws Gaussian sketches "
-                       f"of both sides")
+                       f"sketch='projection' only; sketch={self.sketch!r} keeps both sides")
     if self.dtype is None or str(jnp.dtype(self.dtype)) not in STORAGE_DTYPES:
       raise ValueError(
           f"dtype must be one of {STORAGE_DTYPES}, got dtype={self.dtype!r} (float16 is refused: "

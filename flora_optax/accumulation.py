@@ -108,11 +108,12 @@ def flora_accumulate(
   def init_fn(params):
     gradient_step = jnp.zeros([], jnp.int32)
     _, skip_state = skip_fn(optax.tree.zeros_like(params), gradient_step, params)
+    key_data = _options.base_key_data(seed, _options.DOMAIN_ACCUMULATE, impl)
     return FloraAccumulateState(
-        mini_step=jnp.zeros([], jnp.int32), gradient_step=gradient_step,
-        key_data=_options.base_key_data(seed, _options.DOMAIN_ACCUMULATE, impl),
+        mini_step=jnp.zeros([], jnp.int32), gradient_step=gradient_step, key_data=key_data,
         inner_opt_state=inner.init(params),
-        compressed_acc=_buffers.init(params, options, (("transform", "accumulate"),)),
+        compressed_acc=_buffers.init(params, options, (("transform", "accumulate"),),
+                                     key_data=key_data),
         skip_state=skip_state)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -130,14 +131,14 @@ def flora_accumulate(
       acc = _buffers.to_compute(state.compressed_acc, compute)
       draws = _buffers.draw(acc, state.key_data, state.gradient_step, impl)
       # Welford's running mean, as optax.MultiSteps.
-      acc = jax.tree.map(lambda a, c: a + (c - a) / (state.mini_step + 1), acc,
-                         _buffers.compress(acc, updates, draws, compute))
+      acc = _buffers.fold(acc, updates, draws, compute, rate=1 / (state.mini_step + 1),
+                          mix=lambda a, c: a + (c - a) / (state.mini_step + 1))
       emit = state.mini_step >= k - 1
 
       def finish(acc, inner_state):
         mean = rebox(optax.tree.cast_like(_buffers.decompress(acc, draws), updates))
         out, inner_state = inner.update(mean, inner_state, params, **extra_args)
-        return out, inner_state, _buffers.zeros_like(acc)
+        return out, inner_state, _buffers.reset(acc)
 
       out, inner_state, acc = jax.lax.cond(
           emit, finish, lambda acc, s: (zero_updates(s), s, acc), acc, state.inner_opt_state)

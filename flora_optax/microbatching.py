@@ -42,6 +42,10 @@ def compressed_mean(
     **compression: the options of :class:`flora_optax.Compression`.
   """
   options = _options.compression_from(compression, rank)
+  if options.sketch == "factors":
+    raise ValueError("compressed_mean needs a linear sketch (optax.microbatching averages "
+                     "accumulators computed in parallel); sketch='factors' is not one: use "
+                     "sketch='projection' or 'two_sided', or flora_accumulate")
   seed = _options.check_seed(seed)
   compute, impl = options.compute_dtype, options.prng_impl
   key_data = _options.base_key_data(seed, _options.DOMAIN_MICROBATCH, impl)

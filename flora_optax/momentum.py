@@ -158,12 +158,12 @@ def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="
   spec = (("transform", "momentum"), ("transfer", transfer))
 
   def init_fn(params):
+    key_data = _options.base_key_data(seed, _options.DOMAIN_MOMENTUM, impl)
     return FloraMomentumState(
         count=jnp.zeros([], jnp.int32), cycle=jnp.zeros([], jnp.uint32),
-        cycle_step=jnp.zeros([], jnp.int32),
-        key_data=_options.base_key_data(seed, _options.DOMAIN_MOMENTUM, impl),
+        cycle_step=jnp.zeros([], jnp.int32), key_data=key_data,
         kappa=jnp.asarray(0 if kappa is None else kappa, jnp.int32),
-        compressed_mu=_buffers.init(params, options, spec))
+        compressed_mu=_buffers.init(params, options, spec, key_data=key_data))
 
   def step(updates, state, scaled=None):
     if emit != "compressed":
@@ -181,8 +181,8 @@ def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="
           lambda m: _buffers.transfer(m, _buffers.draw(m, state.key_data, state.cycle, impl),
                                       draws, how),
           lambda m: m, mu)
-    new_mu = jax.tree.map(lambda m, c: (1 - decay) * c + decay * m, mu,
-                          _buffers.compress(mu, updates, draws, compute, scaled))
+    new_mu = _buffers.fold(mu, updates, draws, compute, scaled=scaled, rate=1 - decay,
+                           mix=lambda m, c: (1 - decay) * c + decay * m)
     if emit == "exact_gradient":
       out = jax.tree.map(lambda m, g: decay * m + (1 - decay) * g,
                          _buffers.decompress(mu, draws), updates)
