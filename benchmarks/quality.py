@@ -96,6 +96,7 @@ PLATEAU = 0.01                   # a run is at a plateau if its last fifth gains
 # A learning-rate probe whose held-out loss is 1.2x its reference's is dead (diverged, or the
 # autoencoder stuck at the mean image): larger learning rates of that row are not tried.
 DEAD = 1.2
+EDGE_STEPS = 2                   # at most this many 2x steps past a grid's edge
 
 # ------------------------------------------------------------------------------ data
 
@@ -453,16 +454,34 @@ class Sweep:
     return result
 
   def best_lr(self, method: str, lrs, rank: int, dead: float = np.inf) -> float | None:
-    """The learning rate of ``lrs`` with the lowest held-out loss on seed 0, trying them in
-    order; one above the previous one is skipped once the previous is ``dead`` (a held-out
-    loss above ``dead``: diverged, or stuck at a trivial solution)."""
-    losses = {}
-    for lr in lrs:
-      if losses and max(losses) < lr and losses[max(losses)] > dead:
-        continue
+    """The learning rate with the lowest held-out loss on seed 0: ``lrs`` in increasing order
+    (one above a ``dead`` probe, whose held-out loss is above ``dead``, is skipped), then, while
+    the best is at an edge of what was tried, one step of 2x beyond that edge (at most
+    ``EDGE_STEPS``), so that no best learning rate is a grid's edge unless its neighbour died."""
+    losses: dict[float, float] = {}
+
+    def probe(lr):
       run = self.get(method, rank, lr, 0)
       if run is not None:
         losses[lr] = run["held_out"] if np.isfinite(run["held_out"]) else np.inf
+      return run is not None
+
+    for lr in sorted(lrs):
+      if losses and losses[max(losses)] > dead:
+        break
+      probe(lr)
+    for _ in range(EDGE_STEPS):
+      if len(losses) < 2:
+        break
+      best = min(losses, key=losses.get)
+      if best == max(losses) and losses[best] <= dead:
+        beyond = float(f"{2 * best:.6g}")
+      elif best == min(losses):
+        beyond = float(f"{best / 2:.6g}")
+      else:
+        break
+      if not probe(beyond):
+        break
     return min(losses, key=losses.get) if losses else None
 
   def lr_of(self, method: str, d4: int) -> float | None:
