@@ -269,7 +269,7 @@ TASKS = {
         size={"layers": (196, 64, 64, 64, 8, 64, 64, 64, 196), "batch": 64}),
     "fmnist": Task(
         "fmnist", "Fashion-MNIST MLP, AdamW", "adamw", width=64, steps=6000,
-        lrs=(5e-4, 1e-3, 2e-3), size={"layers": (196, 64, 64, 10), "batch": 128}),
+        lrs=(5e-4, 1e-3, 2e-3), size={"layers": (196, 64, 64, 10), "batch": 256}),
     "shakespeare": Task(
         "shakespeare", "Shakespeare char LM (MLP), Adafactor", "adafactor", width=64,
         steps=6000, lrs=(1e-2, 2e-2, 4e-2),
