@@ -93,9 +93,9 @@ BETA = 0.9
 # four momentum rows of the autoencoder and never won (it died for two of them): dropped.
 LR_FACTORS = (0.5, 1.0)
 PLATEAU = 0.01                   # a run is at a plateau if its last fifth gains < 1 %
-# A learning-rate probe whose held-out loss is 1.2x its reference's is dead (diverged, or the
-# autoencoder stuck at the mean image): larger learning rates of that row are not tried.
-DEAD = 1.2
+# A learning-rate probe whose held-out loss is 1.5x its reference's is dead (diverged, or the
+# autoencoder stuck at the mean image, 1.58x): larger learning rates of that row are not tried.
+DEAD = 1.5
 EDGE_STEPS = 2                   # at most this many 2x steps past a grid's edge
 
 # ------------------------------------------------------------------------------ data
