@@ -682,12 +682,17 @@ def plot(task: Task, rows: list[dict], path: Path) -> None:
     mine = [r for r in rows if r["group"] == group]
     for method in dict.fromkeys(r["method"] for r in mine):
       pts = sorted((r for r in mine if r["method"] == method), key=lambda r: r["state_bytes"])
-      x = [r["state_bytes"] for r in pts]
-      y = [r["loss_mean"] for r in pts]
-      e = [r["loss_se"] for r in pts]
-      style = dict(marker="s", markersize=9, linestyle="none") if method in REFERENCES else \
-          dict(marker="o", linestyle="-")
-      ax.errorbar(x, y, yerr=e, capsize=3, label=method, **style)
+      if method in REFERENCES:   # a line: "none" holds 0 bytes, which a log axis cannot show
+        ax.axhline(pts[0]["loss_mean"], linestyle="--", color="k" if method != "none" else "0.5",
+                   label=f"{method} ({pts[0]['state_bytes']:,} bytes)")
+        continue
+      ax.errorbar([r["state_bytes"] for r in pts], [r["loss_mean"] for r in pts],
+                  yerr=[r["loss_se"] for r in pts], capsize=3, marker="o", label=method)
+    # The y range of the references and the methods within 10 % of them: a run stuck at a
+    # trivial solution would otherwise flatten every difference that matters.
+    refs = [r["loss_mean"] for r in mine if r["method"] in REFERENCES]
+    low = min(r["loss_mean"] for r in mine)
+    ax.set_ylim(low - 0.01 * abs(low), 1.1 * max(refs) if refs else None)
     ax.set(xscale="log", xlabel="optimizer-state bytes",
            ylabel="held-out loss (mean ± s.e. over seeds)", title=f"{task.title}: {group}")
     ax.grid(alpha=0.3)
