@@ -300,6 +300,11 @@ METHODS = {
     "galore": ("momentum", None),
     "factors": ("momentum", dict(sketch="factors")),
     "factors +residual": ("momentum", dict(sketch="factors", emit="residual")),
+    # int8 storage (issue 19): the best momentum row in int8, and a full-size 8-bit EMA
+    # (flora_optax.int8_ema, SGD task only: the peer of 8-bit optimizers).
+    "projection dct +residual int8": ("momentum", dict(sketch="projection", projection="dct",
+                                                       emit="residual", dtype="int8")),
+    "naive int8": ("momentum", None),
     "MultiSteps": ("accumulation", None),
     "acc projection gaussian": ("accumulation", dict(sketch="projection", projection="gaussian")),
     "acc projection dct": ("accumulation", dict(sketch="projection", projection="dct")),
@@ -335,6 +340,9 @@ def make_optimizer(task: Task, method: str, lr: float, rank: int, seed: int,
       return optax.chain(optax.ema(beta, debias=False), optax.scale_by_learning_rate(lr))
     if method == "none":
       return optax.scale_by_learning_rate(lr)
+    if method == "naive int8":
+      return optax.chain(flora_optax.int8_ema(beta, debias=False, seed=seed),
+                         optax.scale_by_learning_rate(lr))
     if method == "galore":
       return optax.contrib.galore(lr, rank=rank, update_proj_gap=kappa,
                                   base_optimizer=optax.ema(beta, debias=False),
@@ -382,6 +390,8 @@ def methods_of(task: Task) -> list[str]:
     # GaLore projects its base optimizer's input, but Adafactor's clipping and parameter
     # scale need the full-size parameters: no equal-footing GaLore row for this task.
     out.remove("galore")
+  if task.optimizer != "sgd":  # a full-size int8 EMA is a momentum of its own: SGD only
+    out.remove("naive int8")
   return out
 
 
