@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flora_optax import _buffers, _layout, _options
+from flora_optax import _buffers, _layout, _options, _sketches
 
 
 def compressed_mean(
@@ -42,10 +42,10 @@ def compressed_mean(
     **compression: the options of :class:`flora_optax.Compression`.
   """
   options = _options.compression_from(compression, rank)
-  if options.sketch == "factors":
-    raise ValueError("compressed_mean needs a linear sketch (optax.microbatching averages "
-                     "accumulators computed in parallel); sketch='factors' is not one: use "
-                     "sketch='projection' or 'two_sided', or flora_accumulate")
+  if not _sketches.make_sketch(options).linear:
+    raise ValueError(f"compressed_mean needs a linear sketch (optax.microbatching averages "
+                     f"accumulators computed in parallel); sketch={options.sketch!r} is not "
+                     f"one: use sketch='projection' or 'two_sided', or flora_accumulate")
   seed = _options.check_seed(seed)
   compute, impl = options.compute_dtype, options.prng_impl
   key_data = _options.base_key_data(seed, _options.DOMAIN_MICROBATCH, impl)
