@@ -63,8 +63,10 @@ def flora_accumulate(
   copies of their mean; they are new in every cycle, so the inner optimizer's updates are not
   confined to one subspace. With the paper's projection ``E[Ḡ]`` is the mean; with
   ``sketch="two_sided"`` ``Ḡ`` is the mean's rank-``k`` reconstruction (exact for a mean of
-  rank ``≤ k``), computed once per cycle. Leaves that are not compressed keep
-  ``optax.MultiSteps``' exact running mean.
+  rank ``≤ k``), computed once per cycle. With ``sketch="factors"`` (not a linear sketch)
+  the mean is folded into factors ``B A`` at rate ``1/i``, ``A`` kept from the last cycle as
+  a warm start; what lies outside the subspace one Newton step per micro-step reaches is
+  lost. Leaves that are not compressed keep ``optax.MultiSteps``' exact running mean.
 
   The inner optimizer only runs on the last micro-step of a cycle (under ``lax.cond``). A
   schedule that lowers ``k`` mid-cycle emits on the next micro-step, as ``MultiSteps`` does.

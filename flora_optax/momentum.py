@@ -70,6 +70,11 @@ def flora_momentum(
   close to its best rank-``k`` approximation otherwise (biased, but with no noise; one QR of
   an ``n × k`` matrix per leaf and step).
 
+  With ``sketch="factors"`` the EMA is kept as a product ``B A`` of thin factors (LoRA-Pre,
+  Wang et al., ICLR 2026), each update folded in by one least-squares Newton step per factor:
+  no draw after the start, nothing resampled (``kappa`` has no effect), the subspace follows
+  the updates.
+
   At a resample the momentum moves to the new sketch through small matrices, never a
   full-size one. For the projection ``transfer`` picks how:
 
