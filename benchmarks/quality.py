@@ -305,6 +305,12 @@ METHODS = {
     "projection dct +residual int8": ("momentum", dict(sketch="projection", projection="dct",
                                                        emit="residual", dtype="int8")),
     "naive int8": ("momentum", None),
+    # Muon (issue 20), on the Adafactor LM task only: optax.contrib.muon against flora_muon
+    # (its momentum compressed at the task's rank; its Adam fallback as optax's).
+    "muon": ("momentum", None),
+    "flora_muon": ("momentum", dict(sketch="projection")),
+    "flora_muon dct +residual": ("momentum", dict(sketch="projection", projection="dct",
+                                                  emit="residual")),
     "MultiSteps": ("accumulation", None),
     "acc projection gaussian": ("accumulation", dict(sketch="projection", projection="gaussian")),
     "acc projection dct": ("accumulation", dict(sketch="projection", projection="dct")),
@@ -367,6 +373,10 @@ def make_optimizer(task: Task, method: str, lr: float, rank: int, seed: int,
     inner = optax.adamw(lr, b1=beta, weight_decay=wd)
   else:
     factor = dict(min_dim_size_to_factor=lm.MIN_DIM_TO_FACTOR)
+    if method == "muon":
+      return optax.contrib.muon(lr)
+    if method.startswith("flora_muon"):  # every Muon matrix compressed at `rank`
+      return flora_optax.flora_muon(lr, rank, kappa=kappa, seed=seed, **(options or {}))
     if method == "naive":
       return optax.adafactor(lr, momentum=beta, **factor)
     if method == "none":
@@ -392,6 +402,8 @@ def methods_of(task: Task) -> list[str]:
     out.remove("galore")
   if task.optimizer != "sgd":  # a full-size int8 EMA is a momentum of its own: SGD only
     out.remove("naive int8")
+  if task.optimizer != "adafactor":  # Muon rows: the LM task only
+    out = [m for m in out if "muon" not in m]
   return out
 
 
