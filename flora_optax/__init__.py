@@ -8,12 +8,13 @@ resamples them over time so the updates stay full-rank.
 Layers, bottom up: ``_layout`` (which leaves, which matrix views), ``_options`` (options,
 checks, keys), ``_sketches`` (the compression methods), ``_buffers`` (trees of compressed
 buffers: the one pipeline), the transforms (``momentum``, ``accumulation``,
-``microbatching``, ``ema``), ``alias`` and ``muon`` (chains), and ``report``, ``sharding``, ``multihost``.
+``microbatching``, ``ema``), ``alias`` and ``muon`` (chains), and ``report``, ``sharding``, ``multihost``, ``checkpoint``.
 """
 
 from flora_optax._buffers import INT8_BLOCK, Compressed, Int8Blocks
 from flora_optax._layout import MatrixAxes
 from flora_optax._options import Compression
+from flora_optax.checkpoint import check_layout, restore
 from flora_optax.accumulation import FloraAccumulateState, flora_accumulate, has_updated
 from flora_optax.alias import (
     FactoredMoment,
@@ -45,6 +46,7 @@ __all__ = [
     "MatrixAxes",
     "MemoryReport",
     "ScaleByFloraAdamState",
+    "check_layout",
     "check_processes_agree",
     "compressed_mean",
     "flora_accumulate",
@@ -56,6 +58,7 @@ __all__ = [
     "int8_ema",
     "memory_report",
     "projections",
+    "restore",
     "scale_by_flora_adam",
     "scale_by_flora_muon",
     "scale_by_muon_shape",

@@ -371,16 +371,19 @@ def fold(buffers, updates, draws, compute_dtype, *, mix, rate, scaled=None):
 
 def decompress(buffers, draws, residual=None, residual_scale=1.0):
   """Every buffer at full size; with a `residual` tree, plus ``residual_scale`` times its part
-  outside the subspace."""
+  outside the subspace (a :class:`Scaled` residual leaf stands for its scaled matrix)."""
   if residual is None:
     residual = map_leaves(lambda _: None, buffers)
 
   def one(buf, d, r):
     if is_compressed(buf):
+      if isinstance(r, Scaled):   # diag(rows) x diag(cols), for a sketch that scales cheaply
+        return buf.sketch.decompress(buf.parts, d.arrays, buf.leaf, r.x, residual_scale,
+                                     scale=(r.rows, r.cols))
       return buf.sketch.decompress(buf.parts, d.arrays, buf.leaf, r, residual_scale)
     return buf
   return jax.tree.map(one, buffers, draws, residual,
-                      is_leaf=lambda x: is_compressed(x) or x is None)
+                      is_leaf=lambda x: is_compressed(x) or x is None or isinstance(x, Scaled))
 
 
 def transfer(buffers, old, new, how):

@@ -22,6 +22,18 @@ SIDES = ("smaller", "larger", "rows", "cols")
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 STORAGE_DTYPES = ("float32", "bfloat16", "float64", "int8")
 
+# The defaults of each role, chosen by the quality suite (docs/benchmarks.md, "Which sketch";
+# `python -m benchmarks.quality`): at rank d/4 the seed-keyed sketch with the lowest worst-task
+# loss ratio was the DCT projection with emit="residual" for momentum, the two-sided sketch for
+# accumulation. 0.1's were sketch="projection", projection="gaussian" (emit="compressed") for
+# both. `sketch` unset but `projection` or `side` given means sketch="projection".
+ROLES = ("momentum", "accumulation")
+DEFAULT_SKETCH = {"momentum": "projection", "accumulation": "two_sided"}
+DEFAULT_PROJECTION = "dct"
+# A state's `layout` code (see `layout_code`): the format of the buffers, so that a state
+# saved under other options (0.1's defaults, say) is refused by name, not decoded wrongly.
+FORMAT_VERSION = 2
+
 # Domain tags folded into the base key, so that the transforms of one chain built with the
 # same seed (flora_momentum inside flora_accumulate) never draw the same random numbers.
 DOMAIN_MOMENTUM = 1
@@ -118,9 +130,12 @@ class Compression:
       (a range and a co-range sketch, reconstructed as a rank-``k`` approximation) or
       ``"factors"`` (online low-rank factors ``B A``, LoRA-Pre's method: not a random
       sketch; the subspace follows the updates).
-    projection: kind of one-sided projection: ``"gaussian"`` (the paper's),
-      ``"orthogonal"`` (Haar rows by a QR), ``"dct"`` (orthogonal rows without a QR: random
-      signs, a DCT, random rows) or ``"rademacher"``.
+      Default: the role's (``"projection"`` for momentum, ``"two_sided"`` for accumulation,
+      measured best at rank d/4 in ``docs/benchmarks.md``); ``"projection"`` where
+      ``projection`` or ``side`` is given.
+    projection: kind of one-sided projection: ``"dct"`` (default: orthogonal rows without a
+      QR: random signs, a DCT, random rows), ``"gaussian"`` (the paper's, and 0.1's default),
+      ``"orthogonal"`` (Haar rows by a QR) or ``"rademacher"``.
     mask: which leaves to compress: ``None`` (every real floating leaf with at least 2 axes
       whose buffer would shrink), a pytree (prefix) of bools, or a callable ``params -> tree``.
     axes: how leaves are viewed as matrices: ``None`` (2-D as is; more axes: all but the last
@@ -145,8 +160,8 @@ class Compression:
   """
 
   rank: int
-  sketch: str = "projection"
-  projection: str = "gaussian"
+  sketch: str | None = None
+  projection: str | None = None
   mask: Any = None
   axes: Any = None
   side: str = "smaller"
@@ -157,13 +172,18 @@ class Compression:
 
   def __post_init__(self):
     object.__setattr__(self, "rank", check_rank(self.rank))
+    if self.sketch is None:
+      object.__setattr__(self, "sketch", DEFAULT_SKETCH["momentum"])
     check_choice(self.sketch, SKETCHES, "sketch")
-    check_choice(self.projection, PROJECTIONS, "projection")
+    if self.projection is not None:
+      check_choice(self.projection, PROJECTIONS, "projection")
     check_choice(self.side, SIDES, "side")
     check_choice(self.prng_impl, PRNG_IMPLS, "prng_impl")
-    if self.sketch != "projection" and (self.projection, self.side) != ("gaussian", "smaller"):
+    if self.sketch != "projection" and (self.projection is not None or self.side != "smaller"):
       raise ValueError(f"projection={self.projection!r} and side={self.side!r} apply to "
                        f"sketch='projection' only; sketch={self.sketch!r} keeps both sides")
+    if self.sketch == "projection" and self.projection is None:
+      object.__setattr__(self, "projection", DEFAULT_PROJECTION)
     object.__setattr__(self, "dtype", check_storage_dtype(self.dtype, "dtype"))
     if self.plain_dtype is not None:
       object.__setattr__(self, "plain_dtype", check_storage_dtype(self.plain_dtype,
@@ -220,14 +240,66 @@ def var_keywords(kwargs: dict, name: str) -> dict:
   return kwargs
 
 
-def compression_from(kwargs: dict, rank) -> Compression:
-  """``Compression(rank, **kwargs)`` with an error naming the unknown keyword."""
+def compression_from(kwargs: dict, rank, role: str = "momentum") -> Compression:
+  """``Compression(rank, **kwargs)`` with the `role`'s default sketch (``"momentum"`` or
+  ``"accumulation"``), and an error naming the unknown keyword."""
   kwargs = var_keywords(kwargs, "compression")
   known = {f.name for f in dataclasses.fields(Compression)} - {"rank"}
   unknown = sorted(set(kwargs) - known)
   if unknown:
     raise TypeError(f"unknown option(s) {unknown}; the compression options are {sorted(known)}")
+  if kwargs.get("sketch") is None:
+    given = kwargs.get("projection") is not None or kwargs.get("side", "smaller") != "smaller"
+    kwargs = dict(kwargs, sketch="projection" if given else DEFAULT_SKETCH[role])
   return Compression(rank=rank, **kwargs)
+
+
+def layout_code(options: Compression) -> int:
+  """The format of a transform's buffers as one int32: the version and what decides how a
+  buffer is read (sketch, projection, side). Stored in the state as ``layout``."""
+  return layout_code_of(options.sketch, options.projection, options.side)
+
+
+def layout_code_of(sketch: str, projection: str | None, side: str) -> int:
+  projection_id = PROJECTIONS.index(projection) + 1 if projection else 0
+  return (FORMAT_VERSION * 10000 + SKETCHES.index(sketch) * 1000 + projection_id * 100
+          + SIDES.index(side) * 10)
+
+
+def layout_error(where: str, saved: int, expected: int) -> str | None:
+  """Why a state saved with layout `saved` cannot be read by a transform of `expected`."""
+  if int(saved) == int(expected):
+    return None
+  return (f"{where}: the state was saved with {describe_layout(saved)}, and this transform "
+          f"reads {describe_layout(expected)}; build the transform with "
+          f"{describe_layout(saved)} to read it (the defaults changed in 0.2: see CHANGELOG.md)")
+
+
+def check_layout_value(value, expected: int, where: str) -> None:
+  """Refuses a concrete `layout` other than `expected` (a traced one is checked by
+  :func:`flora_optax.check_layout` after a restore, not here)."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  error = layout_error(where, np.asarray(value), expected)
+  if error:
+    raise ValueError(error)
+
+
+def describe_layout(code: int) -> str:
+  """The options a `layout_code` stands for, as keywords (or why it is not one)."""
+  version, rest = divmod(int(code), 10000)
+  sketch, rest = divmod(rest, 1000)
+  projection, rest = divmod(rest, 100)
+  side = rest // 10
+  if version != FORMAT_VERSION or not (sketch < len(SKETCHES) and projection <= len(PROJECTIONS)
+                                       and side < len(SIDES)):
+    return f"an unknown layout code {int(code)}"
+  words = [f"sketch={SKETCHES[sketch]!r}"]
+  if projection:
+    words += [f"projection={PROJECTIONS[projection - 1]!r}"]
+  if SIDES[side] != "smaller":
+    words += [f"side={SIDES[side]!r}"]
+  return ", ".join(words)
 
 
 # ----------------------------------------------------------------------------- keys

@@ -97,7 +97,7 @@ class Sketch(abc.ABC):
 
   @abc.abstractmethod
   def decompress(self, parts, draws, leaf: LeafLayout, residual=None,
-                 residual_scale=1.0) -> jax.Array:
+                 residual_scale=1.0, scale=None) -> jax.Array:
     """Buffers to a full-size leaf; with `residual`, add ``residual_scale`` times its part
     outside the subspace. (The residual comes unscaled so that its down-projection is the
     same computation as the fold's, which XLA then does once.)"""
@@ -115,6 +115,11 @@ class RandomProjection(Sketch):
   """The paper's one-sided projection ``A`` of shape ``(*batch, rank, d)``."""
 
   scales_cheaply = True
+
+  @property
+  def orthogonal_rows(self) -> bool:
+    """``AAᵀ = (d/r)·I`` by construction (up to rounding): least-squares steps need no solve."""
+    return self.projection in ("dct", "orthogonal")
 
   def fits(self, n, m, side):
     d = m if side == "cols" else n
@@ -162,22 +167,25 @@ class RandomProjection(Sketch):
     c = self._mm("...rn,...nm->...rm", a, x)
     return {"c": c if kept is None else c * kept[..., None, :]}
 
-  def decompress(self, parts, draws, leaf, residual=None, residual_scale=1.0):
+  def decompress(self, parts, draws, leaf, residual=None, residual_scale=1.0, scale=None):
     c, a = parts["c"], draws["a"]
     cols = leaf.side == "cols"
     r = None
     if residual is not None:
       # C A + s (I - P) R = (C - s (AAᵀ)⁻¹ A R…) A + s R, P the orthogonal projector on the
       # rows of A (on the side it compresses): one up-projection, and the down-projection of
-      # R is compress(R), the fold's own.
-      r = leaf.to_matrix(residual).astype(c.dtype)
-      down = self.compress(residual, draws, leaf)["c"]
-      gram = self._mm("...rd,...sd->...rs", a, a)
-      if cols:
+      # R is compress(R), the fold's own. With `scale` the residual is diag(rows) R diag(cols)
+      # (flora_adafactor's preconditioned update), formed only inside the final sum.
+      r = _apply_scales(leaf.to_matrix(residual).astype(c.dtype), scale)
+      down = self.compress(residual, draws, leaf, scale=scale)["c"]
+      if self.orthogonal_rows:   # AAᵀ = (d/r)·I: no Gram matrix, no solve
+        c = c - (residual_scale * self.rank / leaf.dim) * down
+      elif cols:
+        gram = self._mm("...rd,...sd->...rs", a, a)
         c = c - residual_scale * jnp.swapaxes(
             solve_gram(gram, jnp.swapaxes(down, -1, -2)), -1, -2)
       else:
-        c = c - residual_scale * solve_gram(gram, down)
+        c = c - residual_scale * solve_gram(self._mm("...rd,...sd->...rs", a, a), down)
     x = self._mm("...nr,...rm->...nm", c, a) if cols else self._mm("...rn,...rm->...nm", a, c)
     if r is not None:
       x = x + residual_scale * r
@@ -191,7 +199,12 @@ class RandomProjection(Sketch):
     a_old, a_new = old["a"], new["a"]
     cross = jnp.einsum("...sd,...rd->...sr", a_new, a_old, precision=hp)
     change = cross
-    if not (isinstance(how, str) and how == "unbiased"):
+    if self.orthogonal_rows and not (isinstance(how, str) and how == "unbiased"):
+      # A_new A_newᵀ = (d/r)·I: the least-squares change is a scaled cross product
+      change = cross * (self.rank / leaf.dim)
+      if not isinstance(how, str):
+        change = jnp.where(how, cross, change)
+    elif not (isinstance(how, str) and how == "unbiased"):
       change = solve_gram(jnp.einsum("...sd,...td->...st", a_new, a_new, precision=hp), cross)
       if not isinstance(how, str):
         change = jnp.where(how, cross, change)

@@ -22,6 +22,9 @@ class FloraAccumulateState(NamedTuple):
     gradient_step: inner-optimizer updates done so far (int32); it is also the cycle number
       that picks the sketch.
     key_data: raw data of the base PRNG key the sketches are regenerated from.
+    layout: the format of the buffers (int32: version, sketch, projection, side), so that a
+      state saved under other options is refused by name (:func:`flora_optax.check_layout`,
+      :func:`flora_optax.restore`), not decoded with the wrong sketch.
     inner_opt_state: state of the wrapped optimizer.
     compressed_acc: running mean of the micro-gradients of this cycle, a tree like the
       parameters (``Compressed`` nodes for compressed leaves, plain arrays for the others).
@@ -31,6 +34,7 @@ class FloraAccumulateState(NamedTuple):
   mini_step: jax.Array
   gradient_step: jax.Array
   key_data: jax.Array
+  layout: jax.Array
   inner_opt_state: Any
   compressed_acc: Any
   skip_state: Any = ()
@@ -68,6 +72,12 @@ def flora_accumulate(
   a warm start; what lies outside the subspace one Newton step per micro-step reaches is
   lost. Leaves that are not compressed keep ``optax.MultiSteps``' exact running mean.
 
+  Default (0.2): ``sketch="two_sided"``, the seed-keyed sketch with the lowest worst-task
+  loss at rank d/4 in the quality suite (``docs/benchmarks.md``); the paper's method, and
+  0.1's default, is ``sketch="projection", projection="gaussian"`` (a state saved by 0.1 is
+  read only with those, see :func:`flora_optax.restore`). Giving ``projection`` or ``side``
+  alone selects ``sketch="projection"``.
+
   The inner optimizer only runs on the last micro-step of a cycle (under ``lax.cond``). A
   schedule that lowers ``k`` mid-cycle emits on the next micro-step, as ``MultiSteps`` does.
 
@@ -80,8 +90,8 @@ def flora_accumulate(
     >>> params = {"w": jnp.ones((64, 32))}
     >>> tx = flora_optax.flora_accumulate(optax.sgd(0.1), every_k_schedule=4, rank=8)
     >>> state = tx.init(params)
-    >>> state.compressed_acc["w"].parts["c"].shape
-    (64, 8)
+    >>> sorted(state.compressed_acc["w"].parts)     # the two-sided sketch
+    ['corange', 'range']
     >>> for _ in range(4):
     ...   updates, state = tx.update(params, state, params)
     >>> int(state.gradient_step)
@@ -100,7 +110,8 @@ def flora_accumulate(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a :class:`FloraAccumulateState`.
   """
-  options = _options.compression_from(compression, rank)
+  options = _options.compression_from(compression, rank, "accumulation")
+  layout = _options.layout_code(options)
   seed = _options.check_seed(seed)
   every_k = _schedule(every_k_schedule)
   inner = optax.with_extra_args_support(opt)
@@ -113,7 +124,7 @@ def flora_accumulate(
     key_data = _options.base_key_data(seed, _options.DOMAIN_ACCUMULATE, impl)
     return FloraAccumulateState(
         mini_step=jnp.zeros([], jnp.int32), gradient_step=gradient_step, key_data=key_data,
-        inner_opt_state=inner.init(params),
+        layout=jnp.asarray(layout, jnp.int32), inner_opt_state=inner.init(params),
         compressed_acc=_buffers.init(params, options, (("transform", "accumulate"),),
                                      key_data=key_data),
         skip_state=skip_state)
@@ -122,6 +133,7 @@ def flora_accumulate(
     boxed = updates
     updates, rebox = _layout.unbox(updates)
     _buffers.check(updates, state.compressed_acc, "accumulator")
+    _options.check_layout_value(state.layout, layout, "flora_accumulate")
     k = every_k(state.gradient_step)
     should_skip, skip_state = _checked_skip(skip_fn(updates, state.gradient_step, params))
 
@@ -148,7 +160,7 @@ def flora_accumulate(
           mini_step=jnp.where(emit, 0, optax.safe_increment(state.mini_step)),
           gradient_step=jnp.where(emit, optax.safe_increment(state.gradient_step),
                                   state.gradient_step),
-          key_data=state.key_data, inner_opt_state=inner_state,
+          key_data=state.key_data, layout=state.layout, inner_opt_state=inner_state,
           compressed_acc=_buffers.store(acc, state.compressed_acc, state.key_data, impl,
                                         state.gradient_step, state.mini_step),
           skip_state=skip_state)

@@ -41,7 +41,7 @@ def compressed_mean(
     seed: seed of the sketches, used for nothing else.
     **compression: the options of :class:`flora_optax.Compression`.
   """
-  options = _options.compression_from(compression, rank)
+  options = _options.compression_from(compression, rank, "accumulation")
   if not _sketches.make_sketch(options).linear:
     raise ValueError(f"compressed_mean needs a linear sketch (optax.microbatching averages "
                      f"accumulators computed in parallel); sketch={options.sketch!r} is not "

@@ -33,6 +33,9 @@ class FloraMomentumState(NamedTuple):
     kappa: the resample period the state was built with (int32, 0 for never); a record for
       checks across processes and restores (``check_processes_agree``); ``update`` uses the
       transform's own ``kappa``.
+    layout: the format of the buffers (int32: version, sketch, projection, side), so that a
+      state saved under other options is refused by name (:func:`flora_optax.check_layout`,
+      :func:`flora_optax.restore`), not decoded with the wrong sketch.
     compressed_mu: the momentum, a tree like the parameters: a ``Compressed`` node per
       compressed leaf, the plain EMA buffer for the others.
   """
@@ -42,6 +45,7 @@ class FloraMomentumState(NamedTuple):
   cycle_step: jax.Array
   key_data: jax.Array
   kappa: jax.Array
+  layout: jax.Array
   compressed_mu: Any
 
 
@@ -52,7 +56,7 @@ def flora_momentum(
     seed: int = 0,
     *,
     transfer: str = "least_squares",
-    emit: str = "compressed",
+    emit: str = "residual",
     **compression,
 ) -> optax.GradientTransformation:
   r"""An EMA of the updates, like ``optax.ema(decay, debias=False)``, kept compressed.
@@ -89,10 +93,17 @@ def flora_momentum(
   The two-sided sketch re-sketches its reconstruction ``Q B``: ``Y' = Q (B Ω'ᵀ)``,
   ``W' = (Ψ' Q) B``.
 
-  ``emit`` picks what is passed on: ``"compressed"`` (Algorithm 2: the decompressed EMA),
-  ``"exact_gradient"`` (``β·up(M_{t-1}) + (1-β)·G_t``: only the history compressed) or
-  ``"residual"`` (the decompressed EMA plus ``(1-β)(I - P) G_t``, the part of the current
-  update outside the sketch's subspace, known exactly at no memory cost).
+  ``emit`` picks what is passed on: ``"residual"`` (default: the decompressed EMA plus
+  ``(1-β)(I - P) G_t``, the part of the current update outside the sketch's subspace, known
+  exactly at no memory cost), ``"compressed"`` (Algorithm 2, the paper's and 0.1's default:
+  the decompressed EMA) or ``"exact_gradient"`` (``β·up(M_{t-1}) + (1-β)·G_t``: only the
+  history compressed).
+
+  Defaults (0.2): ``sketch="projection", projection="dct", emit="residual"``, the
+  seed-keyed sketch with the lowest worst-task loss at rank d/4 in the quality suite
+  (``docs/benchmarks.md``). The paper's method is ``projection="gaussian",
+  emit="compressed"`` (0.1's defaults; a state saved by 0.1 is read only with those, see
+  :func:`flora_optax.restore`).
 
   Leaves that are not compressed (vectors, scalars, masked-out leaves, leaves whose buffer
   would not shrink, integer and complex leaves) keep ``optax.ema``'s exact arithmetic.
@@ -126,7 +137,7 @@ def flora_momentum(
       share draws, but two ``flora_momentum`` with the same seed draw the same sketches for
       leaves of the same path: give them different seeds.
     transfer: ``"least_squares"`` (default), ``"unbiased"`` or ``"auto"`` (projection only).
-    emit: ``"compressed"`` (default), ``"exact_gradient"`` or ``"residual"``.
+    emit: ``"residual"`` (default), ``"compressed"`` (the paper's) or ``"exact_gradient"``.
     **compression: the compression options of :class:`flora_optax.Compression` (``sketch``,
       ``projection``, ``mask``, ``axes``, ``side``, ``dtype``, ``precision``, ``prng_impl``).
 
@@ -143,15 +154,15 @@ def flora_momentum(
       updates, state))
 
 
-def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="compressed",
+def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="residual",
                    **compression):
   """``(init_fn, step)`` of :func:`flora_momentum`, its arguments checked (same defaults).
 
   ``step(updates, state, scaled=None)`` is ``update``; `scaled` is a tree like the buffers
   with a :class:`_buffers.Scaled` for compressed leaves whose update is a diagonally scaled
-  array (``flora_adafactor`` passes its factored preconditioner so). With
-  ``emit="compressed"`` those leaves are compressed from it and their `updates` entry is not
-  read; the other emits need the update itself and ignore `scaled`.
+  array (``flora_adafactor`` passes its factored preconditioner so). Those leaves are
+  compressed from it and their `updates` entry is not read (``emit="residual"`` forms the
+  scaled update only inside its final sum); ``emit="exact_gradient"`` ignores `scaled`.
   """
   options = _options.compression_from(compression, rank)
   _options.check_decay(decay)
@@ -163,6 +174,7 @@ def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="
   seed = _options.check_seed(seed)
   compute, impl = options.compute_dtype, options.prng_impl
   spec = (("transform", "momentum"), ("transfer", transfer))
+  layout = _options.layout_code(options)
 
   def init_fn(params):
     key_data = _options.base_key_data(seed, _options.DOMAIN_MOMENTUM, impl)
@@ -170,13 +182,15 @@ def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="
         count=jnp.zeros([], jnp.int32), cycle=jnp.zeros([], jnp.uint32),
         cycle_step=jnp.zeros([], jnp.int32), key_data=key_data,
         kappa=jnp.asarray(0 if kappa is None else kappa, jnp.int32),
+        layout=jnp.asarray(layout, jnp.int32),
         compressed_mu=_buffers.init(params, options, spec, key_data=key_data))
 
   def step(updates, state, scaled=None):
-    if emit != "compressed":
+    if emit == "exact_gradient":
       scaled = None
     updates, rebox = _layout.unbox(updates)
     _buffers.check(updates, state.compressed_mu, "momentum")
+    _options.check_layout_value(state.layout, layout, "flora_momentum")
     mu = _buffers.to_compute(state.compressed_mu, compute)
     resample = jnp.asarray(False) if kappa is None else state.cycle_step >= kappa
     cycle = state.cycle + resample.astype(jnp.uint32)
@@ -194,12 +208,16 @@ def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="
       out = jax.tree.map(lambda m, g: decay * m + (1 - decay) * g,
                          _buffers.decompress(mu, draws), updates)
     else:
-      out = _buffers.decompress(new_mu, draws, updates if emit == "residual" else None,
-                                residual_scale=1 - decay)
+      residual = None
+      if emit == "residual":   # a scaled leaf's update is read through its Scaled form
+        residual = updates if scaled is None else jax.tree.map(
+            lambda s, u: u if s is None else s, scaled, updates,
+            is_leaf=lambda x: x is None or isinstance(x, _buffers.Scaled))
+      out = _buffers.decompress(new_mu, draws, residual, residual_scale=1 - decay)
     cycle_step = jnp.where(resample, 1, optax.safe_increment(state.cycle_step))
     return rebox(optax.tree.cast_like(out, updates)), FloraMomentumState(
         count=optax.safe_increment(state.count), cycle=cycle, cycle_step=cycle_step,
-        key_data=state.key_data, kappa=state.kappa,
+        key_data=state.key_data, kappa=state.kappa, layout=state.layout,
         compressed_mu=_buffers.store(new_mu, state.compressed_mu, state.key_data, impl, cycle,
                                      state.cycle_step))
 

@@ -13,6 +13,8 @@ from flora_optax import _buffers, _layout, _options
 
 _DOMAINS = {"momentum": _options.DOMAIN_MOMENTUM, "accumulate": _options.DOMAIN_ACCUMULATE,
             "microbatch": _options.DOMAIN_MICROBATCH}
+# Which defaults each transform takes (`_options.DEFAULT_SKETCH`).
+_ROLES = {"momentum": "momentum", "accumulate": "accumulation", "microbatch": "accumulation"}
 
 
 def projections(
@@ -50,7 +52,7 @@ def projections(
     (8, 32)
   """
   _options.check_choice(transform, tuple(_DOMAINS), "transform")
-  options = _options.compression_from(compression, rank)
+  options = _options.compression_from(compression, rank, _ROLES[transform])
   if not isinstance(cycle, jax.core.Tracer):
     value = np.asarray(cycle)
     if (value.ndim or not np.issubdtype(value.dtype, np.integer) or isinstance(cycle, bool)
@@ -150,7 +152,8 @@ def _naive_bytes(shape, dtype) -> int:
   return math.prod(shape) * np.dtype(dtype).itemsize
 
 
-def memory_report(params: Any, rank: int, **compression) -> MemoryReport:
+def memory_report(params: Any, rank: int, *, transform: str = "momentum",
+                  **compression) -> MemoryReport:
   """Bytes of one Flora buffer (momentum or accumulator) per leaf, against a naive one.
 
   The naive buffer is a full-size array of the storage ``dtype`` per leaf (what
@@ -159,7 +162,8 @@ def memory_report(params: Any, rank: int, **compression) -> MemoryReport:
   include the float32 block scales of int8 buffers. Each row shows the arrays a compressed leaf
   is stored in (one for the projection; the range and co-range sketches for
   ``sketch="two_sided"``). Counters and key data (a few bytes per transform) are not
-  included; use :func:`state_bytes` on a real state for the exact total.
+  included; use :func:`state_bytes` on a real state for the exact total. ``transform``
+  (``"momentum"``, ``"accumulate"`` or ``"microbatch"``) picks that transform's defaults.
 
   Example:
     >>> import jax.numpy as jnp, flora_optax
@@ -167,7 +171,8 @@ def memory_report(params: Any, rank: int, **compression) -> MemoryReport:
     >>> report.num_compressed, round(report.ratio, 3)
     (1, 0.125)
   """
-  options = _options.compression_from(compression, rank)
+  _options.check_choice(transform, tuple(_DOMAINS), "transform")
+  options = _options.compression_from(compression, rank, _ROLES[transform])
   buffers = jax.eval_shape(lambda: _buffers.init(params, options))
   rows = []
   for name, leaf, buf in zip(_layout.leaf_names(params), jax.tree.leaves(params),

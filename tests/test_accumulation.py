@@ -72,10 +72,11 @@ def test_k_different_gradients_equal_k_copies_of_their_mean(params, rng):
 
 
 def test_each_cycle_draws_a_new_projection(params):
-  a0 = flora_optax.projections(params, RANK, 0, transform="accumulate", axes=AXES)
-  a1 = flora_optax.projections(params, RANK, 1, transform="accumulate", axes=AXES)
-  m0 = flora_optax.projections(params, RANK, 0, transform="momentum", axes=AXES)
-  again = flora_optax.projections(params, RANK, 0, transform="accumulate", axes=AXES)
+  proj = dict(axes=AXES, sketch="projection")   # the accumulation's default is two-sided
+  a0 = flora_optax.projections(params, RANK, 0, transform="accumulate", **proj)
+  a1 = flora_optax.projections(params, RANK, 1, transform="accumulate", **proj)
+  m0 = flora_optax.projections(params, RANK, 0, transform="momentum", **proj)
+  again = flora_optax.projections(params, RANK, 0, transform="accumulate", **proj)
   for name in VIEWS:
     assert not np.allclose(a0[name]["a"], a1[name]["a"])
     assert not np.allclose(a0[name]["a"], m0[name]["a"])  # momentum and accumulation never share
@@ -134,7 +135,8 @@ def test_skip_non_finite_micro_batch_leaves_state_unchanged(params, rng):
   # Without the guard, MultiSteps' behaviour: the NaN/inf reaches the accumulator, visibly.
   plain = flora_optax.flora_accumulate(optax.sgd(0.1), 3, RANK, axes=AXES)
   _, poisoned = jax.jit(plain.update)(bad, plain.init(params), params)
-  assert not np.all(np.isfinite(np.asarray(buffer(poisoned.compressed_acc["wide"]))))
+  assert not all(np.all(np.isfinite(np.asarray(x)))
+                 for x in jax.tree.leaves(poisoned.compressed_acc["wide"]))
 
 
 def test_inner_optimizer_only_runs_on_the_last_micro_step(params, rng):
@@ -209,11 +211,13 @@ def test_compressed_mean_microbatching_matches_reference(rng):
   def grad_fn(w, x, y):
     return jax.grad(lambda w: jnp.sum((x @ w["w"] + w["b"] - y) ** 2))(w)
 
-  acc = flora_optax.compressed_mean(RANK, cycle=7, seed=2)
+  # The paper's projection (the default, two-sided, has its reference in test_sketches.py).
+  acc = flora_optax.compressed_mean(RANK, cycle=7, seed=2, sketch="projection")
   micro = optax.microbatching.microbatch(grad_fn, argnums=(1, 2), microbatch_size=2,
                                          accumulator=acc)
   got = jax.jit(micro)(w, x, y)
-  a = flora_optax.projections(w, RANK, 7, 2, transform="microbatch")["w"]["a"]
+  a = flora_optax.projections(w, RANK, 7, 2, transform="microbatch",
+                              sketch="projection")["w"]["a"]
   view = reference.View((24, 40))
   per_micro = [grad_fn(w, x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]
   mean_c = np.mean([reference.down(view.to(g["w"]), a, "rows") for g in per_micro], axis=0)
@@ -223,31 +227,37 @@ def test_compressed_mean_microbatching_matches_reference(rng):
   # Traced cycles work (a fresh projection per optimizer step inside jit).
   traced = jax.jit(lambda c: optax.microbatching.microbatch(
       grad_fn, argnums=(1, 2), microbatch_size=2,
-      accumulator=flora_optax.compressed_mean(RANK, cycle=c, seed=2))(w, x, y))(7)
+      accumulator=flora_optax.compressed_mean(RANK, cycle=c, seed=2, sketch="projection")
+  )(w, x, y))(7)
   np.testing.assert_allclose(traced["w"], got["w"], rtol=1e-6)
 
 
-def test_bfloat16_accumulator_is_the_float32_mean_to_a_bf16_ulp(params, rng):
+# The two-sided reconstruction solves with (ΨQ)⁺, which amplifies the storage rounding
+# (measured 1.6 % on these gradients); the projection's decompression is linear.
+@pytest.mark.parametrize("sketch,bound", [("projection", 0.01), ("two_sided", 0.03)])
+def test_bfloat16_accumulator_is_the_float32_mean_to_a_bf16_ulp(params, rng, sketch, bound):
   grads = [random_tree(rng) for _ in range(16)]
   outs = {}
   for dtype in ("float32", "bfloat16"):
-    tx = flora_optax.flora_accumulate(optax.identity(), 16, RANK, axes=AXES, dtype=dtype)
+    tx = flora_optax.flora_accumulate(optax.identity(), 16, RANK, axes=AXES, dtype=dtype,
+                                      sketch=sketch)
     result, state = run_transform(tx, grads, params)
     outs[dtype] = result[-1]
     assert all(leaf.dtype == jnp.dtype(dtype) for leaf in jax.tree.leaves(state.compressed_acc))
   for name in SHAPES:
     x, r = np.asarray(outs["bfloat16"][name]), np.asarray(outs["float32"][name])
-    assert np.linalg.norm(x - r) / np.linalg.norm(r) < 0.01, name
+    assert np.linalg.norm(x - r) / np.linalg.norm(r) < bound, name
 
 
-def test_compressed_mean_with_bfloat16_carry(rng):
+@pytest.mark.parametrize("sketch,bound", [("projection", 0.01), ("two_sided", 0.03)])
+def test_compressed_mean_with_bfloat16_carry(rng, sketch, bound):
   w = jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)
   x = jnp.asarray(rng.standard_normal((16, 32)), jnp.float32)
   grad_fn = jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w)))
   results = {}
   for dtype in ("float32", "bfloat16"):
-    acc = flora_optax.compressed_mean(RANK, cycle=3, dtype=dtype)
+    acc = flora_optax.compressed_mean(RANK, cycle=3, dtype=dtype, sketch=sketch)
     results[dtype] = jax.jit(optax.microbatching.microbatch(
         grad_fn, argnums=1, microbatch_size=2, accumulator=acc))(w, x)
   x_, r = np.asarray(results["bfloat16"], np.float64), np.asarray(results["float32"], np.float64)
-  assert np.linalg.norm(x_ - r) / np.linalg.norm(r) < 0.01
+  assert np.linalg.norm(x_ - r) / np.linalg.norm(r) < bound

@@ -33,16 +33,23 @@ def test_without_compression_it_is_optax_adamw(weight_decay_mask, rng):
 
 @pytest.mark.parametrize("first_moment", ["preconditioned", "raw"])
 @pytest.mark.parametrize("second_moment", ["full", "factored"])
-def test_matches_a_float64_reference(first_moment, second_moment, rng):
+@pytest.mark.parametrize("options", [{}, dict(projection="gaussian", emit="compressed")],
+                         ids=["defaults", "paper"])
+def test_matches_a_float64_reference(first_moment, second_moment, options, rng):
   """Adam's arithmetic around the compressed EMA, re-derived in NumPy from the projections
-  (one compressed leaf, `w`, 32x48 at rank 8: its 32 rows are compressed)."""
+  (one compressed leaf, `w`, 32x48 at rank 8: its 32 rows are compressed), with the defaults
+  (DCT rows, the residual emitted) and the paper's form (Gaussian, compressed)."""
   b1, b2, eps, lr, kappa = 0.9, 0.99, 1e-8, 1e-2, 100
   params = {"w": jnp.zeros((32, 48))}
   grads = [{"w": jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)} for _ in range(5)]
   tx = flora_optax.flora_adamw(lr, 8, b1, b2, eps, weight_decay=0.0, kappa=kappa, seed=4,
-                               first_moment=first_moment, second_moment=second_moment)
+                               first_moment=first_moment, second_moment=second_moment,
+                               **options)
   ours, _ = trajectory(tx, params, grads)
-  a = np.asarray(flora_optax.projections(params, 8, 0, 4)["w"]["a"], np.float64)  # (8, 32)
+  sketch = {k: v for k, v in options.items() if k != "emit"}
+  a = np.asarray(flora_optax.projections(params, 8, 0, 4, **sketch)["w"]["a"],
+                 np.float64)  # (8, 32)
+  outside = np.eye(32) - a.T @ np.linalg.solve(a @ a.T, a)   # I - P, P onto A's rows
   m = np.zeros((8, 48))
   v = np.zeros((32, 48)) if second_moment == "full" else (np.zeros(32), np.zeros(48))
   for t, g in enumerate(grads, start=1):
@@ -56,7 +63,10 @@ def test_matches_a_float64_reference(first_moment, second_moment, rng):
     denom = np.sqrt(v_full / (1 - b2**t)) + eps
     source = g / denom if first_moment == "preconditioned" else g
     m = b1 * m + (1 - b1) * (a @ source)
-    update = (a.T @ m) / (1 - b1**t)
+    update = a.T @ m
+    if options.get("emit", "residual") == "residual":
+      update = update + (1 - b1) * outside @ source
+    update = update / (1 - b1**t)
     if first_moment == "raw":
       update = update / denom
     # float32 against float64: entries that cancel to near zero (or sit above a tiny nu)

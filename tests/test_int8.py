@@ -240,7 +240,7 @@ def test_projection_momentum_matches_float64_step_by_step(rng):
   params = _tree(rng)
   decay, kappa, seed = 0.8, 2, 3
   tx = flora_optax.flora_momentum(RANK, decay, kappa, seed, transfer="least_squares",
-                                  dtype="int8", plain_dtype="int8")
+                                  dtype="int8", plain_dtype="int8", emit="compressed")
   state, update = tx.init(params), jax.jit(tx.update)
   assert isinstance(state.compressed_mu["wide"].parts["c"], flora_optax.Int8Blocks)
   assert state.compressed_mu["wide"].parts["c"].scale.shape == (RANK, 3)   # ragged: 600
@@ -280,7 +280,8 @@ def _two_sided_reference(parts, draws, n_ge_m):
 def test_two_sided_momentum_matches_float64_step_by_step(rng):
   params = _tree(rng, {"wide": (40, 300), "tall": (300, 40)})
   decay, seed, rank = 0.8, 5, 8
-  tx = flora_optax.flora_momentum(rank, decay, None, seed, sketch="two_sided", dtype="int8")
+  tx = flora_optax.flora_momentum(rank, decay, None, seed, sketch="two_sided", dtype="int8",
+                                  emit="compressed")
   state, update = tx.init(params), jax.jit(tx.update)
   draws = flora_optax.projections(params, rank, 0, seed, sketch="two_sided")
   for t in range(4):
@@ -304,14 +305,15 @@ def test_accumulation_matches_float64_step_by_step(rng):
   params = _tree(rng)
   every_k, seed = 3, 4
   tx = flora_optax.flora_accumulate(optax.identity(), every_k, RANK, seed, dtype="int8",
-                                    plain_dtype="int8")
+                                    plain_dtype="int8", sketch="projection")
   state, update = tx.init(params), jax.jit(tx.update)
   for t in range(7):
     g = _tree(rng)
     before = stored(state.compressed_acc)
     mini, step = int(state.mini_step), int(state.gradient_step)
     out, state = update(g, state)
-    draws = flora_optax.projections(params, RANK, step, seed, transform="accumulate")
+    draws = flora_optax.projections(params, RANK, step, seed, transform="accumulate",
+                                    sketch="projection")
     for name in SHAPES:
       x = np.asarray(g[name], np.float64)
       if name == "bias":
@@ -333,18 +335,25 @@ def test_accumulation_matches_float64_step_by_step(rng):
         _check_stored(node, acc, f"{name} micro-step {t}")
 
 
-def test_compressed_mean_with_an_int8_carry(rng):
+@pytest.mark.parametrize("sketch", ["projection", "two_sided"])
+def test_compressed_mean_with_an_int8_carry(rng, sketch):
   w = jnp.asarray(rng.standard_normal((40, 300)), jnp.float32)
   x = jnp.asarray(rng.standard_normal((8, 40)), jnp.float32)
   grad_fn = jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w)))
   means = {}
   for dtype in ("float32", "int8"):
-    acc = flora_optax.compressed_mean(8, cycle=3, dtype=dtype)
+    acc = flora_optax.compressed_mean(8, cycle=3, dtype=dtype, sketch=sketch)
     means[dtype] = np.asarray(jax.jit(optax.microbatching.microbatch(
         grad_fn, argnums=1, microbatch_size=2, accumulator=acc))(w, x))
   scale = np.abs(means["float32"]).max()
-  # Three stored partial means, each within a step of its scale, then an up-projection.
-  np.testing.assert_allclose(means["int8"], means["float32"], atol=0.05 * scale)
+  if sketch == "projection":
+    # Three stored partial means, each within a step of its scale, then an up-projection.
+    np.testing.assert_allclose(means["int8"], means["float32"], atol=0.05 * scale)
+  else:
+    # The reconstruction Q (ΨQ)⁺ W amplifies the storage steps (2-5 % in Frobenius norm on
+    # three seeds of this problem, against 1.5-1.7 % for the projection).
+    error = np.linalg.norm(means["int8"] - means["float32"]) / np.linalg.norm(means["float32"])
+    assert error < 0.1, error
 
 
 # ----------------------------------------------------------------------------- the library
@@ -566,7 +575,8 @@ def test_online_factors_match_float64_step_by_step(rng):
   shapes = {"wide": (40, 300), "tall": (300, 40)}
   params = _tree(rng, shapes)
   decay, rank = 0.8, 16
-  tx = flora_optax.flora_momentum(rank, decay, None, 2, sketch="factors", dtype="int8")
+  tx = flora_optax.flora_momentum(rank, decay, None, 2, sketch="factors", dtype="int8",
+                                  emit="compressed")
   state, update = tx.init(params), jax.jit(tx.update)
   for t in range(5):
     g = _tree(rng, shapes)

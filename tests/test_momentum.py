@@ -100,16 +100,19 @@ def test_uncompressed_leaves_match_optax_ema(params, rng):
     np.testing.assert_allclose(buffer(ours_state.compressed_mu[k]), theirs_state.ema[k], rtol=1e-6)
 
 
+@pytest.mark.parametrize("projection", ["gaussian", "dct"])
 @pytest.mark.parametrize("transfer", ["unbiased", "least_squares"])
-def test_transfer_is_up_old_then_down_new(transfer, params, rng):
+def test_transfer_is_up_old_then_down_new(transfer, projection, params, rng):
   """At a resample with a zero gradient the new state is decay·transfer(M), where transfer is
-  (M A_old) A_newᵀ (unbiased) or the least-squares fit of M A_old in the new subspace."""
+  (M A_old) A_newᵀ (unbiased) or the least-squares fit of M A_old in the new subspace (by a
+  solve for the Gaussian rows, by AAᵀ = (d/r)·I for the DCT's)."""
   kappa, decay = 4, 0.5
   grads = [random_tree(rng) for _ in range(kappa)] + [jax.tree.map(jnp.zeros_like, params)]
-  tx = flora_optax.flora_momentum(RANK, decay, kappa, axes=AXES, transfer=transfer)
+  tx = flora_optax.flora_momentum(RANK, decay, kappa, axes=AXES, transfer=transfer,
+                                  projection=projection)
   _, before = run_transform(tx, grads[:kappa], params)
   _, after = run_transform(tx, grads, params)
-  proj = _projector(params, "smaller", "gaussian")
+  proj = _projector(params, "smaller", projection)
   for name, view in VIEWS.items():
     side = side_of(view, "smaller")
     m_before = np.asarray(buffer(before.compressed_mu[name]), np.float64)

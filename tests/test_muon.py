@@ -123,20 +123,25 @@ def test_trains_a_regression(options, rng):
   assert loss(params) < 0.25 * start
 
 
-def test_projection_norm_does_not_reach_the_update(rng):
+@pytest.mark.parametrize("emit", ["residual", "compressed"])
+def test_projection_norm_does_not_reach_the_update(rng, emit):
   """Without nesterov the update is O(decompressed momentum): scaling the gradients by 1000
   (as the projection's decompression inflates them) leaves the Muon update unchanged."""
   params, grad = tree(rng, {"wide": (24, 40)}), tree(rng, {"wide": (24, 40)})
-  tx = flora_optax.flora_muon(0.02, 4, nesterov=False, kappa=None)
+  tx = flora_optax.flora_muon(0.02, 4, nesterov=False, kappa=None, emit=emit)
   update = jax.jit(tx.update)
   small, _ = update(grad, tx.init(params), params)
   large, _ = update(jax.tree.map(lambda g: 1000 * g, grad), tx.init(params), params)
   np.testing.assert_allclose(large["wide"], small["wide"], rtol=1e-4, atol=1e-7)
-  # Orthogonalized: about lr·sqrt(40/24) (the shape factor) in spectral norm, and of rank 4
-  # (the momentum is a rank-4 decompression).
+  # Orthogonalized: about lr·sqrt(40/24) (the shape factor) in spectral norm; with
+  # emit="compressed" of rank 4 (the momentum is a rank-4 decompression), with the residual
+  # of full rank (the current gradient's part outside the sketch is added).
   s = np.linalg.svd(np.asarray(small["wide"]), compute_uv=False)
   assert 0.02 * 0.5 < s.max() < 0.02 * 1.5 * np.sqrt(40 / 24)
-  assert s[4] < 1e-4 * s[0]
+  if emit == "compressed":
+    assert s[4] < 1e-4 * s[0]
+  else:
+    assert s[4] > 1e-2 * s[0]
 
 
 class Model(nnx.Module):

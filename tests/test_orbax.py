@@ -14,6 +14,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -72,7 +73,7 @@ def test_checkpoints_are_saved_mid_cycle(uninterrupted):
   momentum = states["momentum"][1]
   assert isinstance(momentum, flora_optax.FloraMomentumState)
   assert int(momentum.count) == 6  # kappa = 4: the next resample is at count 8
-  assert np.any(np.asarray(buffer(acc.compressed_acc["w1"])) != 0)
+  assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(acc.compressed_acc["w1"]))
 
 
 def test_resume_in_new_process_is_bit_identical(uninterrupted, tmp_path):
@@ -108,3 +109,106 @@ def test_restored_key_data_regenerates_the_same_projection(uninterrupted):
   saved = states["momentum"][1]
   np.testing.assert_array_equal(restored["opt_state"][1].key_data, saved.key_data)
   assert restored["opt_state"][1].key_data.dtype == saved.key_data.dtype
+
+
+# ------------------------------------------------------------------ layout records (0.2.0)
+
+DATA = ROOT / "tests" / "data"
+_old = importlib.util.spec_from_file_location("make_old_checkpoint",
+                                              DATA / "make_old_checkpoint.py")
+old = importlib.util.module_from_spec(_old)
+_old.loader.exec_module(old)
+
+
+def _abstract(tx):
+  return {"params": jax.eval_shape(old.params),
+          "opt_state": jax.eval_shape(tx.init, old.params())}
+
+
+# The options that read a state written before layout records (the Gaussian projection), for
+# momentum with the old emit too, so the run continues with the same updates.
+OLD_OPTIONS = {"momentum": dict(projection="gaussian", emit="compressed"),
+               "accumulate": dict(sketch="projection", projection="gaussian")}
+
+
+def _old_transform(name, **options):
+  if name == "momentum":
+    return flora_optax.flora_momentum(4, 0.9, kappa=2, seed=1, **options)
+  return flora_optax.flora_accumulate(optax.sgd(0.1), 2, 4, seed=1, **options)
+
+
+@pytest.mark.parametrize("name", ["momentum", "accumulate"])
+def test_a_state_without_layout_is_refused_by_the_new_defaults_naming_the_option(name):
+  with pytest.raises(ValueError, match="projection='gaussian' to read it") as info:
+    flora_optax.restore(DATA / "pre_layout" / name, _abstract(_old_transform(name)))
+  assert "records no layout" in str(info.value)
+  if name == "accumulate":   # the two-sided default: the sketch must be named too
+    assert "sketch='projection', projection='gaussian' to read it" in str(info.value)
+  # Plain orbax refuses it too (the target has a `layout` the checkpoint lacks).
+  with ocp.StandardCheckpointer() as checkpointer, pytest.raises(ValueError, match="layout"):
+    checkpointer.restore(DATA / "pre_layout" / name, _abstract(_old_transform(name)))
+
+
+@pytest.mark.parametrize("name", ["momentum", "accumulate"])
+def test_a_state_without_layout_continues_its_run_with_the_options_named(name):
+  tx = _old_transform(name, **OLD_OPTIONS[name])
+  restored = flora_optax.restore(DATA / "pre_layout" / name, _abstract(tx))
+  state, params = restored["opt_state"], restored["params"]
+  assert int(state.layout) == int(tx.init(old.params()).layout)
+  recorded = np.load(DATA / "pre_layout" / "updates.npz")
+  for step in range(old.SAVE_AT, old.SAVE_AT + old.AFTER):
+    updates, state = tx.update(old.grads(step), state, params)
+    for leaf, value in updates.items():   # what the old version emitted, bit for bit
+      np.testing.assert_array_equal(np.asarray(value), recorded[f"{name}/{step}/{leaf}"])
+
+
+def test_unrecorded_layout_reads_a_state_without_layout_into_other_options():
+  tx = _old_transform("momentum", projection="orthogonal")
+  with pytest.raises(ValueError, match="unrecorded_layout=True"):
+    flora_optax.restore(DATA / "pre_layout" / "momentum", _abstract(tx))
+  restored = flora_optax.restore(DATA / "pre_layout" / "momentum", _abstract(tx),
+                                 unrecorded_layout=True)
+  assert int(restored["opt_state"].layout) == int(tx.init(old.params()).layout)
+
+
+@pytest.mark.parametrize("name", ["momentum", "accumulate"])
+def test_a_0_1_0_state_is_refused_whatever_the_options(name):
+  for options in ({}, OLD_OPTIONS[name]):
+    with pytest.raises(ValueError, match="written by flora_optax 0.1.0.*no option of 0.2"):
+      flora_optax.restore(DATA / "v0_1_0" / name, _abstract(_old_transform(name, **options)))
+
+
+def test_a_state_saved_under_other_options_is_refused_by_name(tmp_path):
+  params = old.params()
+  saved = _old_transform("momentum", projection="gaussian")
+  state = saved.init(params)
+  state = saved.update(old.grads(0), state, params)[1]
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "ckpt", {"params": params, "opt_state": state})
+  target = _abstract(_old_transform("momentum"))   # the DCT projection
+  with pytest.raises(ValueError, match="saved with sketch='projection', projection='gaussian'"
+                     ".*reads sketch='projection', projection='dct'"):
+    flora_optax.restore(tmp_path / "ckpt", target)
+  # Restored by plain orbax (which cannot tell), check_layout refuses it, and so does an
+  # eager update; the same options read it.
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(tmp_path / "ckpt", target)
+  with pytest.raises(ValueError, match="projection='gaussian' to read it"):
+    flora_optax.check_layout(restored)
+  with pytest.raises(ValueError, match="flora_momentum: the state was saved with"):
+    _old_transform("momentum").update(old.grads(1), restored["opt_state"], params)
+  same = flora_optax.restore(tmp_path / "ckpt", _abstract(saved))
+  flora_optax.check_layout(same)
+
+
+def test_check_layout_finds_states_nested_in_aliases_and_ignores_uncompressed_ones():
+  params = old.params()
+  saved = flora_optax.flora_adamw(1e-3, 4, projection="gaussian").init(params)
+  fresh = flora_optax.flora_adamw(1e-3, 4).init(params)
+  flora_optax.check_layout(fresh)
+  # `fresh` with the layout record of `saved`, nested in flora_adamw's chain state
+  mixed = (fresh[0]._replace(mu=fresh[0].mu._replace(layout=saved[0].mu.layout)),) + fresh[1:]
+  with pytest.raises(ValueError, match="saved with sketch='projection', projection='gaussian'"):
+    flora_optax.check_layout(mixed)
+  masked = flora_optax.flora_momentum(4, mask=False).init(params)   # compresses nothing
+  flora_optax.check_layout(masked._replace(layout=masked.layout + 1))

@@ -34,8 +34,8 @@ def test_gpt2_small_momentum_state_matches_the_formula():
     expected = 12 * per_block + rank * (50257 + 1024) + 2 * 768
     assert report.flora_bytes == 4 * expected
     state = jax.eval_shape(flora_optax.flora_momentum(rank).init, params)
-    # count, cycle, cycle_step and kappa (4 bytes each) + key data (2 uint32)
-    assert flora_optax.state_bytes(state) == 4 * expected + 4 * 4 + 8
+    # count, cycle, cycle_step, kappa and layout (4 bytes each) + key data (2 uint32)
+    assert flora_optax.state_bytes(state) == 4 * expected + 5 * 4 + 8
     naive = flora_optax.state_bytes(jax.eval_shape(optax.ema(0.9).init, params))
     assert naive == 4 * n_params + 4
     without = flora_optax.memory_report(params, rank, mask=_no_embeddings(params))

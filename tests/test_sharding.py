@@ -78,7 +78,7 @@ def test_momentum_buffers_follow_the_uncompressed_side(mesh):
 def test_accumulate_and_wrapped_adafactor_state(mesh):
   tx = flora_optax.flora_accumulate(
       flora_optax.flora_adafactor(1e-2, RANK, axes=AXES, min_dim_size_to_factor=8), 2, RANK,
-      axes=AXES)
+      axes=AXES, sketch="projection")   # the projection buffers of COMPRESSED_SPECS
   shardings = flora_optax.state_shardings(tx, PARAMS, named(mesh, SPECS))
   assert jax.tree.structure(shardings) == jax.tree.structure(jax.eval_shape(tx.init, PARAMS))
   assert specs_of(shardings.compressed_acc) == COMPRESSED_SPECS

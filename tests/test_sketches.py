@@ -153,18 +153,21 @@ def test_two_sided_error_is_near_the_best_rank_k_error(rng):
   assert np.mean(np.square(errors)) < 0.25 * np.sum(x**2) * (m + 1) / RANK
 
 
-@pytest.mark.parametrize("sketch", ["projection", "two_sided"])
-def test_residual_emit_adds_the_part_outside_the_subspace(sketch, rng):
+@pytest.mark.parametrize("sketch,projection", [("projection", None), ("projection", "gaussian"),
+                                               ("two_sided", None)])
+def test_residual_emit_adds_the_part_outside_the_subspace(sketch, projection, rng):
   """One step from a zero state: out = unsketch(M) + (1 - β)(I - P) G, P the projector on the
-  sketch's subspace (rows of A; the range of Y). In float64 NumPy."""
+  sketch's subspace (rows of A; the range of Y). In float64 NumPy. The default projection (DCT)
+  takes AAᵀ = (d/r)·I instead of a solve; the Gaussian one solves."""
   decay = 0.9
   g = {"w": jnp.asarray(rng.standard_normal((48, 24)), jnp.float32)}
-  tx = flora_optax.flora_momentum(RANK, decay, 10, seed=2, sketch=sketch, emit="residual")
+  options = dict(sketch=sketch, projection=projection)
+  tx = flora_optax.flora_momentum(RANK, decay, 10, seed=2, emit="residual", **options)
   out, state = tx.update(g, tx.init(g))
-  plain, _ = flora_optax.flora_momentum(RANK, decay, 10, seed=2, sketch=sketch).update(
-      g, tx.init(g))
+  plain, _ = flora_optax.flora_momentum(RANK, decay, 10, seed=2, emit="compressed",
+                                        **options).update(g, tx.init(g))
   x = np.asarray(g["w"], np.float64)
-  draws = flora_optax.projections(g, RANK, 0, 2, sketch=sketch)["w"]
+  draws = flora_optax.projections(g, RANK, 0, 2, **options)["w"]
   if sketch == "projection":
     a = np.asarray(draws["a"], np.float64)            # (r, 24): the columns are compressed
     projector = a.T @ np.linalg.solve(a @ a.T, a)

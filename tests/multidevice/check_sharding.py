@@ -60,10 +60,11 @@ def meshes():
 
 def make_tx():
   # Momentum (resampled every 2 updates), factored second moments and compressed
-  # accumulation over 2 micro-steps: every kind of Flora buffer in one state.
+  # accumulation over 2 micro-steps: every kind of Flora buffer in one state. The projection
+  # for both (the accumulation's default is the two-sided sketch, checked further down).
   return flora_optax.flora_accumulate(flora_optax.flora_adafactor(
       learning_rate=1e-2, rank=RANK, momentum=0.9, kappa=2, min_dim_size_to_factor=16,
-      axes=axes_fn), 2, RANK, axes=axes_fn)
+      axes=axes_fn), 2, RANK, axes=axes_fn, sketch="projection")
 
 
 def loss_fn(params, x):

@@ -73,8 +73,11 @@ def configs():
       # resampled every 2 updates (at the update of micro-step 6). The checkpoints are saved
       # after micro-step 5, with one micro-gradient in the accumulator; the run ends after
       # micro-step 9, in the middle of its fifth cycle.
+      # The projection (sketch="projection"; the accumulation's default is two-sided):
+      # its (n, rank) buffers are the ones whose shards the tests check.
       "accumulate": Config(lambda: flora_optax.flora_accumulate(
-          adafactor(), every_k_schedule=2, rank=RANK, seed=1, axes=AXES), steps=9, save_at=5),
+          adafactor(), every_k_schedule=2, rank=RANK, seed=1, axes=AXES, sketch="projection"),
+          steps=9, save_at=5),
       "momentum_chain": Config(lambda: optax.chain(
           optax.clip_by_global_norm(1.0),
           flora_optax.flora_momentum(RANK, 0.9, kappa=2, seed=2, axes=AXES),
