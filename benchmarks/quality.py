@@ -28,8 +28,9 @@ numbers per leaf (``docs/spec.md``).
 
 Rows (``METHODS``): naive and none (momentum), ``MultiSteps`` (accumulation), and each
 compression method by the library's keywords: projection gaussian and dct (momentum: each
-± ``emit="residual"``), two-sided (± residual), online factors (± residual; run only where
-the library has ``sketch="factors"``), and GaLore (``optax.contrib.galore``, its moment
+with ``emit="compressed"``, the paper's, or ``"residual"``, 0.2's default), two-sided
+(± residual), online factors (± residual), the residual weighted by 1 - beta as before 0.2.0
+(rows ``w=1-b``, kept from earlier runs), and GaLore (``optax.contrib.galore``, its moment
 kept in the rank-r subspace, projector refreshed every kappa steps) on the tasks whose
 optimizer it can wrap.
 
@@ -355,21 +356,33 @@ TASKS = {
 
 # name -> (group, sketch keywords); "naive", "none", "MultiSteps" and "galore" are references
 # built by hand. Factors last: they run only where the library has them.
+# The paper's emit, pinned (0.2's default emit is "residual").
+_C = dict(emit="compressed")
+# emit="residual" before 0.2.0 weighted the update's part outside the sketch by 1 - beta (the
+# current step's share of an EMA started from zero); 0.2's default weight is 1.
+_OLD = dict(emit="residual", residual_weight=1 - BETA)
 METHODS = {
     "naive": ("momentum", None),
     "none": ("momentum", None),
-    "projection gaussian": ("momentum", dict(sketch="projection", projection="gaussian")),
+    "projection gaussian": ("momentum", dict(sketch="projection", projection="gaussian", **_C)),
     "projection gaussian +residual": ("momentum", dict(sketch="projection",
                                                        projection="gaussian", emit="residual")),
-    "projection dct": ("momentum", dict(sketch="projection", projection="dct")),
+    "projection dct": ("momentum", dict(sketch="projection", projection="dct", **_C)),
     "projection dct +residual": ("momentum", dict(sketch="projection", projection="dct",
                                                   emit="residual")),
-    "two_sided": ("momentum", dict(sketch="two_sided")),
+    "two_sided": ("momentum", dict(sketch="two_sided", **_C)),
     "two_sided +residual": ("momentum", dict(sketch="two_sided", emit="residual")),
     "galore": ("momentum", None),
-    "factors": ("momentum", dict(sketch="factors")),
+    "factors": ("momentum", dict(sketch="factors", **_C)),
     "factors +residual": ("momentum", dict(sketch="factors", emit="residual")),
-    # int8 storage (issue 19): the best momentum row in int8, and a full-size 8-bit EMA
+    # The residual weighted by 1 - beta, as before 0.2.0 (runs stored before the change).
+    "projection gaussian +residual w=1-b": ("momentum", dict(
+        sketch="projection", projection="gaussian", **_OLD)),
+    "projection dct +residual w=1-b": ("momentum", dict(sketch="projection", projection="dct",
+                                                        **_OLD)),
+    "two_sided +residual w=1-b": ("momentum", dict(sketch="two_sided", **_OLD)),
+    "factors +residual w=1-b": ("momentum", dict(sketch="factors", **_OLD)),
+    # int8 storage (issue 19): the default momentum in int8, and a full-size 8-bit EMA
     # (flora_optax.int8_ema, SGD task only: the peer of 8-bit optimizers).
     "projection dct +residual int8": ("momentum", dict(sketch="projection", projection="dct",
                                                        emit="residual", dtype="int8")),
@@ -377,9 +390,8 @@ METHODS = {
     # Muon (issue 20), on the Adafactor LM task only: optax.contrib.muon against flora_muon
     # (its momentum compressed at the task's rank; its Adam fallback as optax's).
     "muon": ("momentum", None),
-    "flora_muon": ("momentum", dict(sketch="projection")),
-    "flora_muon dct +residual": ("momentum", dict(sketch="projection", projection="dct",
-                                                  emit="residual")),
+    "flora_muon": ("momentum", dict(sketch="projection")),   # 0.2's defaults
+    "flora_muon gaussian": ("momentum", dict(sketch="projection", projection="gaussian", **_C)),
     "MultiSteps": ("accumulation", None),
     "acc projection gaussian": ("accumulation", dict(sketch="projection", projection="gaussian")),
     "acc projection dct": ("accumulation", dict(sketch="projection", projection="dct")),
@@ -387,6 +399,8 @@ METHODS = {
     "acc factors": ("accumulation", dict(sketch="factors")),
 }
 REFERENCES = {"naive", "none", "MultiSteps"}
+# Rows whose state does not depend on the rank: run at d/4 only, never in a rank sweep.
+RANKLESS = REFERENCES | {"naive int8", "muon"}
 REFERENCE_OF = {"momentum": "naive", "accumulation": "MultiSteps"}
 
 
@@ -632,7 +646,7 @@ def run_task(task: Task, args, runs_dir: Path, start: float) -> list[dict]:
   # Whatever else is stored at a chosen learning rate (other ranks run earlier), for the tables.
   for m in methods:
     lr = sweep.lr_of(m, d4)
-    if lr is None or m in REFERENCES:
+    if lr is None or m in RANKLESS:
       continue
     for path in runs_dir.glob(f"{task.name}-{safe(m)}-r*-lr{lr:g}-seed*.json"):
       run = json.loads(path.read_text())
@@ -648,7 +662,7 @@ def top_methods(task: Task, sweep: Sweep, methods, d4: int, top: int, seeds) -> 
   for group in task.groups:
     scored = []
     for m in methods:
-      if METHODS[m][0] != group or m in REFERENCES:
+      if METHODS[m][0] != group or m in RANKLESS:
         continue
       lr = sweep.lr_of(m, d4)
       runs = [sweep.get(m, d4, lr, s) for s in seeds] if lr else []
@@ -750,6 +764,8 @@ def worst_task_table(payload: dict) -> str:
   for group in ("momentum", "accumulation"):
     for fraction in ("d/2", "d/4", "d/8", "d/16"):
       ratios: dict[str, dict[str, float]] = {}
+      tasks = [t for t in payload["tasks"]
+               if group in payload["tasks"][t]["setting"].get("groups", (group,))]
       for t in tasks:
         for r in payload["tasks"][t]["summary"]:
           if r["group"] == group and r["rank_fraction"] == fraction:

@@ -135,8 +135,11 @@ def main() -> None:
   print()
   print(table(results))
   params = lm.param_shapes(config, data[2])
-  print(f"\nFlora momentum buffer (rank {args.rank}), from flora_optax.memory_report:")
+  print(f"\nFlora momentum buffer (rank {args.rank}; the DCT projection, 0.2's default), from "
+        f"flora_optax.memory_report:")
   print(flora_optax.memory_report(params, rank=args.rank))
+  print(f"\nFlora accumulator (rank {args.rank}; the two-sided sketch, 0.2's default):")
+  print(flora_optax.memory_report(params, rank=args.rank, transform="accumulate"))
 
   args.out.mkdir(parents=True, exist_ok=True)
   plot(results, args.out / "loss_curves.png",

@@ -82,7 +82,8 @@ def flora_adafactor(
     factored: as in ``optax.adafactor``.
     momentum_position: ``"after_factored_rms"`` or ``"after_param_scale"``.
     accumulate_every: deprecated; wrap in :func:`flora_accumulate` instead.
-    **momentum_options: ``transfer``, ``emit`` (see :func:`flora_momentum`) and the options of
+    **momentum_options: ``transfer``, ``emit``, ``residual_weight`` (see
+      :func:`flora_momentum`) and the options of
       :class:`flora_optax.Compression`.
 
   Returns:
@@ -95,7 +96,8 @@ def flora_adafactor(
     raise ValueError("should_skip_update_fn only applies with accumulation; wrap the optimizer "
                      "in optax.apply_if_finite to skip non-finite steps instead")
   accumulate_rank = momentum_options.pop("accumulate_rank", None)
-  compression = {k: v for k, v in momentum_options.items() if k not in ("transfer", "emit")}
+  compression = {k: v for k, v in momentum_options.items()
+                 if k not in ("transfer", "emit", "residual_weight")}
   flora_mu = step = None
   if momentum is not None:
     _options.check_decay(momentum, "momentum")
@@ -104,7 +106,7 @@ def flora_adafactor(
   else:
     _options.compression_from(compression, rank)
     unused = sorted(momentum_options if accumulate_every is None else
-                    set(momentum_options) & {"transfer", "emit"})
+                    set(momentum_options) & {"transfer", "emit", "residual_weight"})
     if unused:
       raise ValueError(f"flora_adafactor(momentum=None) has no compressed momentum, so "
                        f"{', '.join(unused)} would do nothing; drop them (or set a momentum)")
@@ -288,7 +290,7 @@ def flora_adamw(
     second_moment: ``"full"`` or ``"factored"``.
     first_moment: ``"raw"`` or ``"preconditioned"``, see :func:`scale_by_flora_adam`.
     weight_decay_mask: as ``optax.adamw``'s ``mask``.
-    **momentum_options: ``transfer``, ``emit`` and the options of
+    **momentum_options: ``transfer``, ``emit``, ``residual_weight`` and the options of
       :class:`flora_optax.Compression`.
   """
   momentum_options = _options.var_keywords(momentum_options, "momentum_options")

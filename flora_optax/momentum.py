@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from flora_optax import _buffers, _layout, _options
@@ -57,6 +58,7 @@ def flora_momentum(
     *,
     transfer: str = "least_squares",
     emit: str = "residual",
+    residual_weight: float | jax.Array | None = None,
     **compression,
 ) -> optax.GradientTransformation:
   r"""An EMA of the updates, like ``optax.ema(decay, debias=False)``, kept compressed.
@@ -94,8 +96,9 @@ def flora_momentum(
   ``W' = (Ψ' Q) B``.
 
   ``emit`` picks what is passed on: ``"residual"`` (default: the decompressed EMA plus
-  ``(1-β)(I - P) G_t``, the part of the current update outside the sketch's subspace, known
-  exactly at no memory cost), ``"compressed"`` (Algorithm 2, the paper's and 0.1's default:
+  ``w·(I - P) G_t``, the part of the current update outside the sketch's subspace, known
+  exactly at no memory cost; ``w = residual_weight``, 1 by default: outside the subspace the
+  update is the gradient itself, inside it the momentum), ``"compressed"`` (Algorithm 2, the paper's and 0.1's default:
   the decompressed EMA) or ``"exact_gradient"`` (``β·up(M_{t-1}) + (1-β)·G_t``: only the
   history compressed).
 
@@ -138,6 +141,10 @@ def flora_momentum(
       leaves of the same path: give them different seeds.
     transfer: ``"least_squares"`` (default), ``"unbiased"`` or ``"auto"`` (projection only).
     emit: ``"residual"`` (default), ``"compressed"`` (the paper's) or ``"exact_gradient"``.
+    residual_weight: ``w`` of ``emit="residual"`` (default 1; ``1 - decay`` is the current
+      step's share of an EMA started from zero, the form measured before 0.2.0: worse on
+      every task of the quality suite but the momentum-sensitive one, see docs/benchmarks.md).
+      A number ``>= 0`` (may be traced); refused with another ``emit``.
     **compression: the compression options of :class:`flora_optax.Compression` (``sketch``,
       ``projection``, ``mask``, ``axes``, ``side``, ``dtype``, ``precision``, ``prng_impl``).
 
@@ -149,13 +156,13 @@ def flora_momentum(
     <https://arxiv.org/abs/2402.03293>`_, ICML 2024.
   """
   init_fn, step = momentum_parts(rank, decay, kappa, seed, transfer=transfer, emit=emit,
-                                 **compression)
+                                 residual_weight=residual_weight, **compression)
   return optax.GradientTransformation(init_fn, lambda updates, state, params=None: step(
       updates, state))
 
 
 def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="residual",
-                   **compression):
+                   residual_weight=None, **compression):
   """``(init_fn, step)`` of :func:`flora_momentum`, its arguments checked (same defaults).
 
   ``step(updates, state, scaled=None)`` is ``update``; `scaled` is a tree like the buffers
@@ -169,6 +176,7 @@ def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="
   kappa = _options.check_kappa(kappa)
   _options.check_choice(transfer, TRANSFERS, "transfer")
   _options.check_choice(emit, EMITS, "emit")
+  residual_weight = check_residual_weight(residual_weight, emit)
   if options.sketch != "projection" and transfer != "least_squares":
     raise ValueError(f"transfer={transfer!r} applies to sketch='projection' only")
   seed = _options.check_seed(seed)
@@ -213,7 +221,7 @@ def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="
         residual = updates if scaled is None else jax.tree.map(
             lambda s, u: u if s is None else s, scaled, updates,
             is_leaf=lambda x: x is None or isinstance(x, _buffers.Scaled))
-      out = _buffers.decompress(new_mu, draws, residual, residual_scale=1 - decay)
+      out = _buffers.decompress(new_mu, draws, residual, residual_scale=residual_weight)
     cycle_step = jnp.where(resample, 1, optax.safe_increment(state.cycle_step))
     return rebox(optax.tree.cast_like(out, updates)), FloraMomentumState(
         count=optax.safe_increment(state.count), cycle=cycle, cycle_step=cycle_step,
@@ -222,6 +230,23 @@ def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="
                                      state.cycle_step))
 
   return init_fn, step
+
+
+def check_residual_weight(weight, emit):
+  """``residual_weight`` as given, 1 where it is not; an error where it would do nothing or
+  is not a number ``>= 0``."""
+  if weight is None:
+    return 1.0
+  if emit != "residual":
+    raise ValueError(f"residual_weight applies to emit='residual' only, got emit={emit!r} and "
+                     f"residual_weight={weight!r}")
+  if isinstance(weight, jax.core.Tracer):
+    return weight
+  if isinstance(weight, (bool, np.bool_)) or not isinstance(weight, (int, float, np.number)) \
+      or not math.isfinite(weight) or weight < 0:
+    raise ValueError(f"residual_weight must be a finite number >= 0, got "
+                     f"residual_weight={weight!r}")
+  return float(weight)
 
 
 def resolve_transfer(transfer, decay, kappa, dim, rank):

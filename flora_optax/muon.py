@@ -161,7 +161,7 @@ def scale_by_flora_muon(
     weight_dimension_numbers: ``MuonDimensionNumbers`` or ``MatrixAxes`` (or a prefix tree of
       them, or a callable returning one): how each leaf is viewed as matrices. ``None``: every
       leaf must be 2-D.
-    **momentum_options: ``transfer``, ``emit`` and the compression options of
+    **momentum_options: ``transfer``, ``emit``, ``residual_weight`` and the compression options of
       :class:`flora_optax.Compression` except ``axes`` (the view is the Muon one).
 
   Returns:
@@ -337,7 +337,8 @@ def flora_muon(
     muon_weight_dimension_numbers: which leaves are Muon's and how they are viewed as
       matrices, as in ``optax.contrib.muon``.
     consistent_rms: as in ``optax.contrib.muon`` (see :func:`scale_by_muon_shape`).
-    **momentum_options: ``transfer``, ``emit`` (see :func:`flora_momentum`), the compression
+    **momentum_options: ``transfer``, ``emit``, ``residual_weight`` (see
+      :func:`flora_momentum`), the compression
       options of :class:`flora_optax.Compression` (``sketch``, ``mask``, ``dtype``, ...), and
       ``axes`` in place of ``muon_weight_dimension_numbers``.
 

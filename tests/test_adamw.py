@@ -65,7 +65,7 @@ def test_matches_a_float64_reference(first_moment, second_moment, options, rng):
     m = b1 * m + (1 - b1) * (a @ source)
     update = a.T @ m
     if options.get("emit", "residual") == "residual":
-      update = update + (1 - b1) * outside @ source
+      update = update + outside @ source     # residual_weight 1
     update = update / (1 - b1**t)
     if first_moment == "raw":
       update = update / denom

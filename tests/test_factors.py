@@ -84,7 +84,7 @@ def test_momentum_matches_the_float64_recurrence(emit, rng):
       want = b @ a
       np.testing.assert_allclose(plain[name][0] @ plain[name][1], want, rtol=1e-9, atol=1e-9)
       if emit == "residual":
-        want = want + (1 - decay) * (x - x @ np.linalg.pinv(a) @ a)
+        want = want + (x - x @ np.linalg.pinv(a) @ a)   # residual_weight 1, the default
       elif emit == "exact_gradient":
         want = decay * old + (1 - decay) * x
       scale = np.abs(want).max()

@@ -93,7 +93,10 @@ def test_resume_sharded_on_8_devices(uninterrupted, tmp_path):
   assert resumed.keys() == expected.keys()
   for key, value in expected.items():
     if value.dtype.kind == "f":
-      np.testing.assert_allclose(resumed[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+      # Sharded reductions round differently: float32 tolerance at the array's own scale
+      # (the online factors' QRs carry it into small entries of a leaf whose entries reach 3).
+      scale = max(1.0, float(np.abs(value).max()))
+      np.testing.assert_allclose(resumed[key], value, rtol=1e-4, atol=2e-6 * scale, err_msg=key)
     else:  # counters and key data
       np.testing.assert_array_equal(resumed[key], value, err_msg=key)
 

@@ -153,16 +153,20 @@ def test_two_sided_error_is_near_the_best_rank_k_error(rng):
   assert np.mean(np.square(errors)) < 0.25 * np.sum(x**2) * (m + 1) / RANK
 
 
+@pytest.mark.parametrize("weight", [None, 0.1, 2.5])
 @pytest.mark.parametrize("sketch,projection", [("projection", None), ("projection", "gaussian"),
                                                ("two_sided", None)])
-def test_residual_emit_adds_the_part_outside_the_subspace(sketch, projection, rng):
-  """One step from a zero state: out = unsketch(M) + (1 - β)(I - P) G, P the projector on the
-  sketch's subspace (rows of A; the range of Y). In float64 NumPy. The default projection (DCT)
-  takes AAᵀ = (d/r)·I instead of a solve; the Gaussian one solves."""
+def test_residual_emit_adds_the_part_outside_the_subspace(sketch, projection, weight, rng):
+  """One step from a zero state: out = unsketch(M) + w (I - P) G, P the projector on the
+  sketch's subspace (rows of A; the range of Y), w = residual_weight (1 by default). In float64
+  NumPy. The default projection (DCT) takes AAᵀ = (d/r)·I instead of a solve; the Gaussian
+  one solves."""
   decay = 0.9
   g = {"w": jnp.asarray(rng.standard_normal((48, 24)), jnp.float32)}
   options = dict(sketch=sketch, projection=projection)
-  tx = flora_optax.flora_momentum(RANK, decay, 10, seed=2, emit="residual", **options)
+  tx = flora_optax.flora_momentum(RANK, decay, 10, seed=2, emit="residual",
+                                  residual_weight=weight, **options)
+  w = 1.0 if weight is None else weight
   out, state = tx.update(g, tx.init(g))
   plain, _ = flora_optax.flora_momentum(RANK, decay, 10, seed=2, emit="compressed",
                                         **options).update(g, tx.init(g))
@@ -171,13 +175,23 @@ def test_residual_emit_adds_the_part_outside_the_subspace(sketch, projection, rn
   if sketch == "projection":
     a = np.asarray(draws["a"], np.float64)            # (r, 24): the columns are compressed
     projector = a.T @ np.linalg.solve(a @ a.T, a)
-    expected_extra = (1 - decay) * (x - x @ projector)
+    expected_extra = w * (x - x @ projector)
   else:
     y = np.asarray(state.compressed_mu["w"].parts["range"], np.float64)
     q, _ = np.linalg.qr(y)
-    expected_extra = (1 - decay) * (x - q @ (q.T @ x))
+    expected_extra = w * (x - q @ (q.T @ x))
   np.testing.assert_allclose(np.asarray(out["w"]) - np.asarray(plain["w"]), expected_extra,
                              rtol=1e-3, atol=1e-4)
+
+
+def test_residual_weight_is_checked():
+  for weight in (-0.5, float("nan"), "1", True):
+    with pytest.raises(ValueError, match="residual_weight must be a finite number >= 0"):
+      flora_optax.flora_momentum(RANK, residual_weight=weight)
+  with pytest.raises(ValueError, match="residual_weight applies to emit='residual' only"):
+    flora_optax.flora_momentum(RANK, emit="compressed", residual_weight=0.1)
+  with pytest.raises(ValueError, match="residual_weight"):
+    flora_optax.flora_adafactor(1e-3, RANK, momentum=None, residual_weight=0.1)
 
 
 def test_dct_rows_are_orthogonal_and_unbiased():
