@@ -8,7 +8,8 @@ resamples them over time so the updates stay full-rank.
 Layers, bottom up: ``_layout`` (which leaves, which matrix views), ``_options`` (options,
 checks, keys), ``_sketches`` (the compression methods), ``_buffers`` (trees of compressed
 buffers: the one pipeline), the transforms (``momentum``, ``accumulation``,
-``microbatching``, ``ema``), ``alias`` and ``muon`` (chains), and ``report``, ``sharding``, ``multihost``, ``checkpoint``.
+``microbatching``, ``ema``), ``alias`` and ``muon`` (chains), and ``report``, ``sharding``,
+``multihost``, ``checkpoint``.
 """
 
 from flora_optax._buffers import INT8_BLOCK, Compressed, Int8Blocks

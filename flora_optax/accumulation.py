@@ -74,8 +74,8 @@ def flora_accumulate(
 
   Default (0.2): ``sketch="two_sided"``, the seed-keyed sketch with the lowest worst-task
   loss at rank d/4 in the quality suite (``docs/benchmarks.md``); the paper's method, and
-  0.1's default, is ``sketch="projection", projection="gaussian"`` (a state saved by 0.1 is
-  read only with those, see :func:`flora_optax.restore`). Giving ``projection`` or ``side``
+  0.1's default, is ``sketch="projection", projection="gaussian"`` (a state written before
+  0.2.0 is read only with those, see :func:`flora_optax.restore`). Giving ``projection`` or ``side``
   alone selects ``sketch="projection"``.
 
   The inner optimizer only runs on the last micro-step of a cycle (under ``lax.cond``). A

@@ -128,9 +128,9 @@ def restore(path, abstract: Any, checkpointer: Any = None, *,
         where = next(w for w, kind in old if kind == "0.1.0")
         raise ValueError(
             f"{where or 'state'}: the checkpoint at {path} holds a Flora state written by "
-            f"flora_optax 0.1.0 (compressed buffers as bare arrays, no layout). 0.1.0 drew each leaf's "
-            f"projection from its position in the tree, 0.2 from its path, so no option of "
-            f"0.2 continues it: restore the parameters alone and start the optimizer from "
+            f"flora_optax 0.1.0 (compressed buffers as bare arrays, no layout). 0.1.0 drew each "
+            f"leaf's projection from its position in the tree, 0.2 from its path, so no option "
+            f"of 0.2 continues it: restore the parameters alone and start the optimizer from "
             f"tx.init(params), or finish that run with flora_optax 0.1.0") from error
       restored = _restore_unrecorded(checkpointer, path, abstract, unrecorded_layout)
   finally:

@@ -98,15 +98,15 @@ def flora_momentum(
   ``emit`` picks what is passed on: ``"residual"`` (default: the decompressed EMA plus
   ``w·(I - P) G_t``, the part of the current update outside the sketch's subspace, known
   exactly at no memory cost; ``w = residual_weight``, 1 by default: outside the subspace the
-  update is the gradient itself, inside it the momentum), ``"compressed"`` (Algorithm 2, the paper's and 0.1's default:
-  the decompressed EMA) or ``"exact_gradient"`` (``β·up(M_{t-1}) + (1-β)·G_t``: only the
-  history compressed).
+  update is the gradient itself, inside it the momentum), ``"compressed"`` (Algorithm 2, the
+  paper's and 0.1's default: the decompressed EMA) or ``"exact_gradient"``
+  (``β·up(M_{t-1}) + (1-β)·G_t``: only the history compressed).
 
   Defaults (0.2): ``sketch="projection", projection="dct", emit="residual"``, the
   seed-keyed sketch with the lowest worst-task loss at rank d/4 in the quality suite
   (``docs/benchmarks.md``). The paper's method is ``projection="gaussian",
-  emit="compressed"`` (0.1's defaults; a state saved by 0.1 is read only with those, see
-  :func:`flora_optax.restore`).
+  emit="compressed"`` (0.1's defaults; a state written before 0.2.0 is read only with those,
+  see :func:`flora_optax.restore`).
 
   Leaves that are not compressed (vectors, scalars, masked-out leaves, leaves whose buffer
   would not shrink, integer and complex leaves) keep ``optax.ema``'s exact arithmetic.
