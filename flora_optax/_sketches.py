@@ -199,13 +199,11 @@ class RandomProjection(Sketch):
     a_old, a_new = old["a"], new["a"]
     cross = jnp.einsum("...sd,...rd->...sr", a_new, a_old, precision=hp)
     change = cross
-    if self.orthogonal_rows and not (isinstance(how, str) and how == "unbiased"):
-      # A_new A_newᵀ = (d/r)·I: the least-squares change is a scaled cross product
-      change = cross * (self.rank / leaf.dim)
-      if not isinstance(how, str):
-        change = jnp.where(how, cross, change)
-    elif not (isinstance(how, str) and how == "unbiased"):
-      change = solve_gram(jnp.einsum("...sd,...td->...st", a_new, a_new, precision=hp), cross)
+    if not (isinstance(how, str) and how == "unbiased"):
+      if self.orthogonal_rows:   # A_new A_newᵀ = (d/r)·I: a scaled cross product, no solve
+        change = cross * (self.rank / leaf.dim)
+      else:
+        change = solve_gram(jnp.einsum("...sd,...td->...st", a_new, a_new, precision=hp), cross)
       if not isinstance(how, str):
         change = jnp.where(how, cross, change)
     c = parts["c"]
