@@ -234,6 +234,8 @@ GPT2 = {
     "small": GPT2Size(layers=12, width=768, heads=12),
     "medium": GPT2Size(layers=24, width=1024, heads=16),
     "xl": GPT2Size(layers=48, width=1600, heads=25),
+    # The --quick (CI smoke) tree: GPT-2 small's widths and vocabulary with 2 of its 12 blocks.
+    "small-2": GPT2Size(layers=2, width=768, heads=12),
 }
 
 

@@ -28,7 +28,7 @@ a ``cond`` whose false branch is cheap, and a batch of projection draws sliced p
 times (full mode) are medians of interleaved rounds (``_harness.time_interleaved``).
 
     python -m benchmarks.cost_model           # GPT-2 small and medium, r 64 and 256, fp32/bf16
-    python -m benchmarks.cost_model --quick   # GPT-2 small, r 256, fp32, a handful of rows
+    python -m benchmarks.cost_model --quick   # 2 blocks of GPT-2 small, r 256, fp32, few rows
 
 The full run prices the ``flora_adafactor`` options (projections, two-sided, residual,
 ``kappa=None``) on GPT-2 small fp32 only (``--variants-everywhere``: on every tree, dtype and
@@ -681,7 +681,7 @@ def attribution_table(row) -> str:
 
 
 def main() -> None:
-  parser = _harness.arg_parser(__doc__, "GPT-2 small, r=256, fp32, a handful of rows")
+  parser = _harness.arg_parser(__doc__, "2 blocks of GPT-2 small, r=256, fp32, a few rows")
   parser.add_argument("--rounds", type=int, default=5, help="timing rounds (full mode)")
   parser.add_argument("--no-timing", action="store_true", help="skip the GPT-2 wall times")
   parser.add_argument("--sizes", nargs="*", default=["small", "medium"],
@@ -693,11 +693,13 @@ def main() -> None:
                            "not only on GPT-2 small fp32")
   parser.add_argument("--only", nargs="*", default=None,
                       help="price only the optimizers whose name contains one of these")
+  parser.add_argument("--exact", action="store_true",
+                      help="--only names whole optimizer names, not parts of them")
   args = parser.parse_args()
   logging.getLogger("jax").setLevel(logging.ERROR)
   start = time.perf_counter()
   if args.quick:
-    grid = [("small", jnp.float32, 256)]
+    grid = [("small-2", jnp.float32, 256)]
   else:
     grid = [(s, jnp.dtype(d), r) for s in args.sizes for d in args.dtypes for r in args.ranks]
   rows = []
@@ -705,7 +707,8 @@ def main() -> None:
     for config in configs():
       if args.quick and config.name not in QUICK:
         continue
-      if args.only is not None and not any(o in config.name for o in args.only):
+      if args.only is not None and not any(
+          o == config.name if args.exact else o in config.name for o in args.only):
         continue
       if config.variant and not args.quick and not args.variants_everywhere and (
           size, dtype) != ("small", jnp.dtype("float32")):
@@ -714,7 +717,7 @@ def main() -> None:
           r["optimizer"] == config.name and r["tree"] == f"GPT-2 {size}"
           and r["dtype"] == jnp.dtype(dtype).name for r in rows):
         continue  # a baseline without a rank: once per tree and dtype
-      check = size == "small" and rank == 256
+      check = size in ("small", "small-2") and rank == 256
       row = measure(config, size, dtype, rank, check_pin=check)
       rows.append(row)
       print(f"{row['tree']} {row['dtype']} r={rank} {config.name}: {_g(row['flops'])} GFLOP "

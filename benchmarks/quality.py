@@ -164,6 +164,10 @@ class Task:
   # evaluations at a constant rate on fmnist). The plateau is then judged on the constant part.
   decay: float = 0.0
   lr_factors: tuple = LR_FACTORS       # a compressed row's grid, times its reference's lr
+  # Muon rows (group "muon"): which leaves Muon orthogonalizes (a path substring; None:
+  # optax's default, every 2-D leaf; the others go to its Adam fallback) and Muon's options.
+  muon_leaves: str | None = None
+  muon_options: dict = dataclasses.field(default_factory=dict)
   size: dict = dataclasses.field(default_factory=dict)   # model and batch sizes
 
   def setup(self, seed: int) -> Problem:
@@ -344,11 +348,15 @@ TASKS = {
     "shakespeare": Task(
         "shakespeare", "Shakespeare char LM (MLP), Adafactor", "adafactor", width=64,
         steps=6000, decay=0.2, lrs=(1e-2, 2e-2, 4e-2),
+        groups=("momentum", "accumulation", "muon"),
         size={"context": 8, "embed": 16, "batch": 128, "eval_batches": 64}),
     "minilm": Task(
         "minilm", "MiniLM fine-tune (genre of a passage), AdamW", "adamw", width=384,
-        steps=150, decay=0.2, lrs=(5e-5, 1e-4, 2e-4), groups=("accumulation",),
+        steps=150, decay=0.2, lrs=(5e-5, 1e-4, 2e-4), groups=("accumulation", "muon"),
         accumulate_every=4, kappa=25, evals=10,
+        # Muon on the encoder's matrices (not the embeddings or the head), its update RMS
+        # matched to AdamW's (Liu et al.) so that the AdamW grid of learning rates fits it.
+        muon_leaves="layers", muon_options={"consistent_rms": 0.2},
         size={"batch": 16, "length": 64, "words": 36, "test_per_genre": 100}),
 }
 
@@ -387,21 +395,21 @@ METHODS = {
     "projection dct +residual int8": ("momentum", dict(sketch="projection", projection="dct",
                                                        emit="residual", dtype="int8")),
     "naive int8": ("momentum", None),
-    # Muon (issue 20), on the Adafactor LM task only: optax.contrib.muon against flora_muon
-    # (its momentum compressed at the task's rank; its Adam fallback as optax's).
-    "muon": ("momentum", None),
-    "flora_muon": ("momentum", dict(sketch="projection")),   # 0.2's defaults
-    "flora_muon gaussian": ("momentum", dict(sketch="projection", projection="gaussian", **_C)),
+    # Muon (issue 20): optax.contrib.muon against flora_muon (its momentum compressed at the
+    # task's rank; its Adam fallback as optax's), on the tasks whose groups have "muon".
+    "muon": ("muon", None),
+    "flora_muon": ("muon", dict(sketch="projection")),   # 0.2's defaults
+    "flora_muon gaussian": ("muon", dict(sketch="projection", projection="gaussian", **_C)),
     "MultiSteps": ("accumulation", None),
     "acc projection gaussian": ("accumulation", dict(sketch="projection", projection="gaussian")),
     "acc projection dct": ("accumulation", dict(sketch="projection", projection="dct")),
     "acc two_sided": ("accumulation", dict(sketch="two_sided")),
     "acc factors": ("accumulation", dict(sketch="factors")),
 }
-REFERENCES = {"naive", "none", "MultiSteps"}
+REFERENCES = {"naive", "none", "MultiSteps", "muon"}
 # Rows whose state does not depend on the rank: run at d/4 only, never in a rank sweep.
-RANKLESS = REFERENCES | {"naive int8", "muon"}
-REFERENCE_OF = {"momentum": "naive", "accumulation": "MultiSteps"}
+RANKLESS = REFERENCES | {"naive int8"}
+REFERENCE_OF = {"momentum": "naive", "accumulation": "MultiSteps", "muon": "muon"}
 
 
 def available(method: str) -> bool:
@@ -424,6 +432,14 @@ def make_optimizer(task: Task, method: str, lr: float, rank: int, seed: int,
     peak, length = lr, task.steps * task.decay
     lr = lambda count: peak * jnp.clip((task.steps - count) / length, 0.0, 1.0)  # noqa: E731
   compression = dict(options or {}, mask=mask)
+  if group == "muon":
+    muon = dict(task.muon_options)
+    if task.muon_leaves is not None:
+      muon["muon_weight_dimension_numbers"] = _muon_dims(mask, task.muon_leaves)
+    if method == "muon":
+      return optax.contrib.muon(lr, **muon)
+    # every Muon matrix compressed at `rank` (the mask's leaves, where Muon's)
+    return flora_optax.flora_muon(lr, rank, kappa=kappa, seed=seed, **muon, **(options or {}))
   if task.optimizer == "sgd":
     if method == "naive":
       return optax.chain(optax.ema(beta, debias=False), optax.scale_by_learning_rate(lr))
@@ -456,10 +472,6 @@ def make_optimizer(task: Task, method: str, lr: float, rank: int, seed: int,
     inner = optax.adamw(lr, b1=beta, weight_decay=wd)
   else:
     factor = dict(min_dim_size_to_factor=lm.MIN_DIM_TO_FACTOR)
-    if method == "muon":
-      return optax.contrib.muon(lr)
-    if method.startswith("flora_muon"):  # every Muon matrix compressed at `rank`
-      return flora_optax.flora_muon(lr, rank, kappa=kappa, seed=seed, **(options or {}))
     if method == "naive":
       return optax.adafactor(lr, momentum=beta, **factor)
     if method == "none":
@@ -471,6 +483,15 @@ def make_optimizer(task: Task, method: str, lr: float, rank: int, seed: int,
   if method == "MultiSteps":
     return optax.MultiSteps(inner, k)
   return flora_optax.flora_accumulate(inner, k, rank, seed=seed, **compression)
+
+
+def _muon_dims(mask, leaves: str):
+  """Muon's dimension numbers: optax's default for the task's matrices (its `mask`) whose
+  path holds `leaves`, ``None`` (the Adam fallback) for the other leaves."""
+  def one(path, matrix):
+    muon = bool(matrix) and leaves in jax.tree_util.keystr(path)
+    return optax.contrib.MuonDimensionNumbers() if muon else None
+  return jax.tree_util.tree_map_with_path(one, mask)
 
 
 def _galore_dims(mask):
@@ -485,8 +506,6 @@ def methods_of(task: Task) -> list[str]:
     out = [m for m in out if m != "galore"]
   if task.optimizer != "sgd":  # a full-size int8 EMA is a momentum of its own: SGD only
     out = [m for m in out if m != "naive int8"]
-  if task.optimizer != "adafactor":  # Muon rows: the LM task only
-    out = [m for m in out if "muon" not in m]
   return out
 
 
@@ -687,7 +706,7 @@ def summarize(task: Task, runs: list[dict]) -> list[dict]:
     n = len(loss)
     std = float(np.std(loss, ddof=1)) if n > 1 else 0.0
     rows.append({
-        "method": method, "group": mine[0]["group"], "rank": rank,
+        "method": method, "group": METHODS[method][0], "rank": rank,
         "rank_fraction": f"d/{task.width // rank}" if method not in REFERENCES else "",
         "learning_rate": mine[0]["learning_rate"], "seeds": [r["seed"] for r in mine],
         "loss_mean": float(np.mean(loss)), "loss_std": std, "loss_se": std / np.sqrt(n),
@@ -758,10 +777,11 @@ def target_ratio(task: str, row: dict) -> float:
 
 def worst_task_table(payload: dict) -> str:
   """Per group and rank: each method's target ratio on each task and its worst task's
-  (targets at d/4: momentum ≤ 1.01×, accumulation ≤ 1.02×; at d/8: 1.03× and 1.04×)."""
+  (targets at d/4: momentum ≤ 1.01×, accumulation and Muon ≤ 1.02×; at d/8: momentum 1.03×,
+  accumulation 1.04×)."""
   out = []
   tasks = list(payload["tasks"])
-  for group in ("momentum", "accumulation"):
+  for group in ("momentum", "accumulation", "muon"):
     for fraction in ("d/2", "d/4", "d/8", "d/16"):
       ratios: dict[str, dict[str, float]] = {}
       tasks = [t for t in payload["tasks"]
@@ -775,8 +795,8 @@ def worst_task_table(payload: dict) -> str:
       table = [[m] + [f"{v[t]:.4f}" if t in v else "not run" for t in tasks] +
                [f"**{max(v.values()):.4f}**", f"{len(v)}/{len(tasks)}"]
                for m, v in sorted(ratios.items(), key=lambda mv: max(mv[1].values()))]
-      ref = (f"naive on {MOMENTUM_SENSITIVE}, min(naive, none) elsewhere"
-             if group == "momentum" else "MultiSteps")
+      ref = {"momentum": f"naive on {MOMENTUM_SENSITIVE}, min(naive, none) elsewhere",
+             "accumulation": "MultiSteps", "muon": "optax.contrib.muon"}[group]
       out.append(f"#### {group}, rank {fraction}: ratio to {ref}\n\n" +
                  _harness.markdown_table(["method"] + tasks + ["worst task", "tasks run"],
                                          table))
@@ -784,8 +804,9 @@ def worst_task_table(payload: dict) -> str:
 
 
 def plot(task: Task, rows: list[dict], path: Path) -> None:
-  fig, axes = plt.subplots(1, len(task.groups), figsize=(7 * len(task.groups), 5), squeeze=False)
-  for ax, group in zip(axes[0], task.groups):
+  groups = [g for g in task.groups if any(r["group"] == g for r in rows)]  # those run
+  fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 5), squeeze=False)
+  for ax, group in zip(axes[0], groups):
     mine = [r for r in rows if r["group"] == group]
     for method in dict.fromkeys(r["method"] for r in mine):
       pts = sorted((r for r in mine if r["method"] == method), key=lambda r: r["state_bytes"])

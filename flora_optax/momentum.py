@@ -14,6 +14,9 @@ from flora_optax import _buffers, _layout, _options
 
 TRANSFERS = ("auto", "unbiased", "least_squares")
 EMITS = ("compressed", "exact_gradient", "residual")
+# The rounding counter of a buffer stored again after its transfer to a new cycle's draws
+# (an ordinary store's counter is the cycle step, never this value).
+TRANSFER_STEP = np.uint32(0xFFFFFFFF)
 # transfer="auto" keeps the paper's unbiased transfer for a leaf only while its noise is damped
 # with margin: each transfer multiplies the carried state by ≈ sqrt(d/rank) and the decay
 # shrinks it by decay**kappa in between, so the noise stays bounded iff the product is < 1
@@ -199,17 +202,24 @@ def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="
     updates, rebox = _layout.unbox(updates)
     _buffers.check(updates, state.compressed_mu, "momentum")
     _options.check_layout_value(state.layout, layout, "flora_momentum")
-    mu = _buffers.to_compute(state.compressed_mu, compute)
+    stored = state.compressed_mu
     resample = jnp.asarray(False) if kappa is None else state.cycle_step >= kappa
     cycle = state.cycle + resample.astype(jnp.uint32)
-    draws = _buffers.draw(mu, state.key_data, cycle, impl)
-    if kappa is not None and _buffers.any_compressed(mu):
+    draws = _buffers.draw(stored, state.key_data, cycle, impl)
+    if kappa is not None and _buffers.any_compressed(stored):
       how = lambda leaf: resolve_transfer(transfer, decay, kappa, leaf.dim, leaf.rank)  # noqa: E731
-      mu = jax.lax.cond(
-          resample,
-          lambda m: _buffers.transfer(m, _buffers.draw(m, state.key_data, state.cycle, impl),
-                                      draws, how),
-          lambda m: m, mu)
+
+      def moved(s):
+        m = _buffers.to_compute(s, compute)
+        m = _buffers.transfer(m, _buffers.draw(m, state.key_data, state.cycle, impl), draws,
+                              how)
+        # Stored again (bfloat16 and int8 round stochastically, under their own counter):
+        # the conditional then carries the stored form, and the dequantization below fuses
+        # into the fold instead of writing a float32 buffer out of the conditional.
+        return _buffers.store(m, s, state.key_data, impl, cycle, TRANSFER_STEP)
+
+      stored = jax.lax.cond(resample, moved, lambda s: s, stored)
+    mu = _buffers.to_compute(stored, compute)
     new_mu = _buffers.fold(mu, updates, draws, compute, scaled=scaled, rate=1 - decay,
                            mix=lambda m, c: (1 - decay) * c + decay * m)
     if emit == "exact_gradient":

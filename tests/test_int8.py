@@ -224,12 +224,22 @@ def _tree(rng, shapes=SHAPES):
   return {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
 
 
-def _check_stored(node, ref, what):
-  """Dequantized `node` within one quantization step (its block's scale / 127) of `ref`."""
+def _check_stored(node, ref, what, slack=0.0):
+  """Dequantized `node` within one quantization step (its block's scale / 127) of `ref`,
+  plus `slack` (per entry) where `ref` does not model an earlier rounding."""
   assert isinstance(node, flora_optax.Int8Blocks), what
-  bound = entry_scales(node) / 127 + FLOAT_TOL * np.abs(ref).max()
+  bound = entry_scales(node) / 127 + FLOAT_TOL * np.abs(ref).max() + slack
   err = np.abs(dequant(node) - ref)
   assert np.all(err <= bound), f"{what}: error {np.max(err / bound):.3f} of the bound"
+
+
+def _step_bound(x, block=_buffers.INT8_BLOCK):
+  """Each entry's quantization step (its block's absmax / 127) were `x` stored in int8."""
+  length = x.shape[-1]
+  blocks = -(-length // block)
+  padded = np.pad(np.abs(x), [(0, 0)] * (x.ndim - 1) + [(0, blocks * block - length)])
+  absmax = padded.reshape(x.shape[:-1] + (blocks, block)).max(-1)
+  return np.repeat(absmax, block, axis=-1)[..., :length] / 127 * (1 + 1e-5)
 
 
 def _side(shape):
@@ -254,14 +264,20 @@ def test_projection_momentum_matches_float64_step_by_step(rng):
     cycle = int(state.cycle)
     for name in ("wide", "tall"):
       side, a = _side(SHAPES[name]), proj(cycle)[name]
-      m = before[name]["c"]
-      if cycle != cycle_before:  # the resample's least-squares transfer
+      m, slack = before[name]["c"], np.zeros(())
+      if cycle != cycle_before:  # the resample's least-squares transfer ...
         m = reference.least_squares_fit(reference.up(m, proj(cycle_before)[name], side), a,
                                         side)
+        # ... stored again in int8 before the fold: within a step of its block's scale.
+        slack = decay * _step_bound(m)
       m = decay * m + (1 - decay) * reference.down(np.asarray(g[name], np.float64), a, side)
-      np.testing.assert_allclose(out[name], reference.up(m, a, side), rtol=1e-4,
-                                 atol=1e-4 * np.abs(out[name]).max(), err_msg=f"{name} {t}")
-      _check_stored(state.compressed_mu[name].parts["c"], m, f"{name} step {t}")
+      ref_out = reference.up(m, a, side)
+      err = np.abs(np.asarray(out[name], np.float64) - ref_out)
+      tol = 1e-4 * np.abs(ref_out) + 1e-4 * np.abs(ref_out).max()
+      if slack.ndim:
+        tol = tol + reference.up(slack, np.abs(reference._matrix(a)), side)  # noqa: SLF001
+      assert np.all(err <= tol), f"{name} {t}: error {np.max(err / tol):.3f} of the bound"
+      _check_stored(state.compressed_mu[name].parts["c"], m, f"{name} step {t}", slack)
     bias = decay * before["bias"] + (1 - decay) * np.asarray(g["bias"], np.float64)
     np.testing.assert_allclose(out["bias"], bias, rtol=1e-5, atol=1e-6)
     _check_stored(state.compressed_mu["bias"], bias, f"bias step {t}")
