@@ -234,8 +234,9 @@ GPT2 = {
     "small": GPT2Size(layers=12, width=768, heads=12),
     "medium": GPT2Size(layers=24, width=1024, heads=16),
     "xl": GPT2Size(layers=48, width=1600, heads=25),
-    # The --quick (CI smoke) tree: GPT-2 small's widths and vocabulary with 2 of its 12 blocks.
-    "small-2": GPT2Size(layers=2, width=768, heads=12),
+    # The --quick (CI smoke) tree: GPT-2 small's widths with 2 of its 12 blocks and a
+    # 4096-token vocabulary (the full one's 38.6 M-entry embedding would dominate it).
+    "small-2": GPT2Size(layers=2, width=768, heads=12, vocab=4096),
 }
 
 

@@ -28,7 +28,7 @@ a ``cond`` whose false branch is cheap, and a batch of projection draws sliced p
 times (full mode) are medians of interleaved rounds (``_harness.time_interleaved``).
 
     python -m benchmarks.cost_model           # GPT-2 small and medium, r 64 and 256, fp32/bf16
-    python -m benchmarks.cost_model --quick   # 2 blocks of GPT-2 small, r 256, fp32, few rows
+    python -m benchmarks.cost_model --quick   # 2 GPT-2-small blocks, r 256, fp32, few rows
 
 The full run prices the ``flora_adafactor`` options (projections, two-sided, residual,
 ``kappa=None``) on GPT-2 small fp32 only (``--variants-everywhere``: on every tree, dtype and

@@ -12,7 +12,7 @@ this prices both, beside the uncompressed optimizer, on GPT-2 small's tree (fp32
   state and the parameters donated; accumulation times micro-steps.
 
     python -m benchmarks.defaults               # r 64 and 256, 5 rounds (~10 min on 2 cores)
-    python -m benchmarks.defaults --quick       # r 64, 2 rounds, GPT-2 small with 2 layers
+    python -m benchmarks.defaults --quick       # r 64, 2 rounds, 2 blocks of GPT-2 small
 
 Writes defaults.json and defaults.md into ``benchmarks/results/defaults/``.
 """
@@ -96,7 +96,7 @@ def time_rows(rows_: list[Row], shapes, rank: int, rounds: int) -> dict:
 
 
 def main() -> None:
-  parser = _harness.arg_parser(__doc__, "r 64, 2 rounds, a 2-layer GPT-2 small")
+  parser = _harness.arg_parser(__doc__, "r 64, 2 rounds, 2 blocks of GPT-2 small")
   parser.add_argument("--ranks", nargs="*", type=int, default=[64, 256])
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args()
@@ -129,7 +129,8 @@ def main() -> None:
         f"{r['ms']:.0f}", f"{r['ratio']:.2f} [{r['ratio_p25']:.2f}, {r['ratio_p75']:.2f}]"]
        for r in results])
   out = _harness.results_dir("defaults", args.quick, args.out)
-  tables = (f"GPT-2 {'small' if not args.quick else 'small, 2 layers'}, fp32. Ordinary step: "
+  tree = "small" if not args.quick else "small, 2 blocks, 4096 tokens"
+  tables = (f"GPT-2 {tree}, fp32. Ordinary step: "
             f"update + apply_updates with the resample (momentum) or the finish of a cycle "
             f"(accumulation, k = {K}) priced at the branch that does not run. Time: "
             f"{args.rounds} interleaved rounds per rank.\n\n" + table)

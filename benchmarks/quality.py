@@ -400,11 +400,17 @@ METHODS = {
     "muon": ("muon", None),
     "flora_muon": ("muon", dict(sketch="projection")),   # 0.2's defaults
     "flora_muon gaussian": ("muon", dict(sketch="projection", projection="gaussian", **_C)),
+    # flora_muon's own resample period (the task's kappa is 100), and Muon's beta at 0.9: the
+    # two options that one-seed probes found best on the LM task (docs/howto/muon.md).
+    "flora_muon kappa=1000": ("muon", dict(sketch="projection", kappa=1000)),
+    "flora_muon beta=0.9": ("muon", dict(sketch="projection", beta=0.9)),
     "MultiSteps": ("accumulation", None),
     "acc projection gaussian": ("accumulation", dict(sketch="projection", projection="gaussian")),
     "acc projection dct": ("accumulation", dict(sketch="projection", projection="dct")),
     "acc two_sided": ("accumulation", dict(sketch="two_sided")),
     "acc factors": ("accumulation", dict(sketch="factors")),
+    # The accumulation default with int8 storage (issue 19).
+    "acc two_sided int8": ("accumulation", dict(sketch="two_sided", dtype="int8")),
 }
 REFERENCES = {"naive", "none", "MultiSteps", "muon"}
 # Rows whose state does not depend on the rank: run at d/4 only, never in a rank sweep.
@@ -439,7 +445,7 @@ def make_optimizer(task: Task, method: str, lr: float, rank: int, seed: int,
     if method == "muon":
       return optax.contrib.muon(lr, **muon)
     # every Muon matrix compressed at `rank` (the mask's leaves, where Muon's)
-    return flora_optax.flora_muon(lr, rank, kappa=kappa, seed=seed, **muon, **(options or {}))
+    return flora_optax.flora_muon(lr, rank, seed=seed, **muon, **{"kappa": kappa, **options})
   if task.optimizer == "sgd":
     if method == "naive":
       return optax.chain(optax.ema(beta, debias=False), optax.scale_by_learning_rate(lr))

@@ -24,6 +24,10 @@ import jax  # noqa: E402
 sys.path.insert(0, str(EXAMPLES))
 import minilm  # noqa: E402
 
+# The module-scoped fixtures (the pretrained weights) run once per xdist worker that runs
+# a test of this module: with --dist loadgroup the whole module runs on one worker.
+pytestmark = pytest.mark.xdist_group("test_minilm")
+
 
 @pytest.fixture(scope="module")
 def pretrained():

@@ -46,6 +46,10 @@ if hasattr(flora_optax, "flora_adamw"):
 FLORA_STATES = ("accumulate", "momentum_chain", "adamw")
 MISMATCHED = ["seed", "rank", "kappa"]  # the option process 1 sets differently
 
+# The module-scoped fixtures (the multi-process launches) run once per xdist worker that runs
+# a test of this module: with --dist loadgroup the whole module runs on one worker.
+pytestmark = pytest.mark.xdist_group("test_multiprocess")
+
 
 # A one-process distributed start with gloo collectives: it fails at once, with the reason,
 # where this jaxlib has no gloo (public API only; a few seconds).

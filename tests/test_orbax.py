@@ -21,6 +21,11 @@ import pytest
 import flora_optax
 from tests.conftest import buffer
 
+# The module-scoped fixtures (the uninterrupted runs and their checkpoints) run once per
+# xdist worker that runs a test of this module: with --dist loadgroup the whole module runs
+# on one worker.
+pytestmark = pytest.mark.xdist_group("test_orbax")
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "multidevice" / "orbax_resume.py"
 

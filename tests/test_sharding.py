@@ -24,6 +24,10 @@ from jax.sharding import PartitionSpec as P
 import flora_optax
 from tests.conftest import buffer
 
+# The module-scoped fixtures (the 8-device subprocess run) run once per xdist worker that runs
+# a test of this module: with --dist loadgroup the whole module runs on one worker.
+pytestmark = pytest.mark.xdist_group("test_sharding")
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RANK = 4
 
