@@ -215,8 +215,11 @@ def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="
                               how)
         # Stored again (bfloat16 and int8 round stochastically, under their own counter):
         # the conditional then carries the stored form, and the dequantization below fuses
-        # into the fold instead of writing a float32 buffer out of the conditional.
-        return _buffers.store(m, s, state.key_data, impl, cycle, TRANSFER_STEP)
+        # into the fold instead of writing a float32 buffer out of the conditional. Plain
+        # leaves were not moved and keep their stored values.
+        m = _buffers.store(m, s, state.key_data, impl, cycle, TRANSFER_STEP)
+        return _buffers.map_leaves(lambda new, old: new if _buffers.is_compressed(old) else old,
+                                   m, s)
 
       stored = jax.lax.cond(resample, moved, lambda s: s, stored)
     mu = _buffers.to_compute(stored, compute)
