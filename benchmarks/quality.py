@@ -444,7 +444,7 @@ def make_optimizer(task: Task, method: str, lr: float, rank: int, seed: int,
       muon["muon_weight_dimension_numbers"] = _muon_dims(mask, task.muon_leaves)
     if method == "muon":
       return optax.contrib.muon(lr, **muon)
-    # every Muon matrix compressed at `rank` (the mask's leaves, where Muon's)
+    # every matrix Muon takes has its momentum compressed at `rank` (the others go to Adam)
     return flora_optax.flora_muon(lr, rank, seed=seed, **muon, **{"kappa": kappa, **options})
   if task.optimizer == "sgd":
     if method == "naive":
