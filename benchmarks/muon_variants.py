@@ -20,14 +20,11 @@ import dataclasses
 import json
 import time
 
-import jax.numpy as jnp
-import optax
-
 from benchmarks import _harness
 from benchmarks import quality as q
 
 TASK = "shakespeare"
-# name -> (flora_muon options over the suite row's, kappa); None: optax.contrib.muon's beta.
+# name -> (flora_muon options over the suite row's, kappa), or (beta, None) for optax.contrib.muon.
 VARIANTS = {
     "suite row (kappa 100, residual weight 1)": ({}, 100),
     "residual_weight=0.25": ({"residual_weight": 0.25}, 100),
@@ -50,27 +47,16 @@ QUICK_VARIANTS = ("suite row (kappa 100, residual weight 1)", "optax.contrib.muo
 
 def run(task: q.Task, name: str, lr: float, seed: int) -> dict:
   options, kappa = VARIANTS[name]
-  method = f"muon_variants {name}"
-  if isinstance(options, float):   # Muon itself, as the suite's muon row builds it
-    q.METHODS[method] = ("muon", None)
-    beta = options
-
-    def make(task, method, lr, rank, seed, mask):
-      peak, length = lr, task.steps * task.decay
-      schedule = lambda n: peak * jnp.clip((task.steps - n) / length, 0.0, 1.0)  # noqa: E731
-      return optax.contrib.muon(schedule, beta=beta)
+  if isinstance(options, float):   # Muon itself: the suite's muon row at this beta
+    method, task = "muon", dataclasses.replace(task, muon_options={"beta": options})
   else:
+    method = f"muon_variants {name}"
     q.METHODS[method] = ("muon", dict(q.METHODS["flora_muon"][1], **options))
     task = dataclasses.replace(task, kappa=kappa)
-    make = None
-  original = q.make_optimizer
-  if make is not None:
-    q.make_optimizer = make
   try:
     result = q.train(task, method, lr, task.width // 4, seed)
   finally:
-    q.make_optimizer = original
-    del q.METHODS[method]
+    q.METHODS.pop(f"muon_variants {name}", None)
   return {"variant": name, "learning_rate": lr, "seed": seed, "held_out": result["held_out"],
           "last_fifth_gain": result["last_fifth_gain"], "seconds": result["seconds"]}
 
