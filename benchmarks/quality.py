@@ -75,6 +75,7 @@ import functools
 import gzip
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -853,6 +854,29 @@ def quick(task: Task) -> Task:
 QUICK_METHODS = ("naive", "projection gaussian", "MultiSteps", "acc projection gaussian")
 
 
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def demote(markdown_text: str) -> str:
+  """Every heading one level deeper (the per-task tables sit under a section of the docs)."""
+  return re.sub(r"^(#+) ", r"#\1 ", markdown_text, flags=re.MULTILINE)
+
+
+def write_docs(path: Path, sections: dict[str, str]) -> None:
+  """Replaces what lies between ``<!-- quality.py --docs: NAME -->`` and the next
+  ``<!-- quality.py --docs: end -->`` in `path` with ``sections[NAME]``; an error names a
+  missing marker instead of writing a half-updated page."""
+  text = path.read_text()
+  for name, body in sections.items():
+    begin, end = f"<!-- quality.py --docs: {name} -->", "<!-- quality.py --docs: end -->"
+    a = text.find(begin)
+    b = text.find(end, a + 1) if a >= 0 else -1
+    if a < 0 or b < 0:
+      raise SystemExit(f"{path} has no '{begin}' ... '{end}' section for the {name} tables")
+    text = text[:a + len(begin)] + "\n\n" + body.strip() + "\n\n" + text[b:]
+  path.write_text(text)
+
+
 def main() -> None:
   parser = _harness.arg_parser(__doc__, "1 seed, few steps, few rows (CI smoke test)")
   parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -864,6 +888,9 @@ def main() -> None:
   parser.add_argument("--only", nargs="*", default=None, help="run only these methods")
   parser.add_argument("--report", action="store_true",
                       help="rebuild tables and plots from stored runs, train nothing")
+  parser.add_argument("--docs", action="store_true",
+                      help="also write the tables into docs/benchmarks.md, between its "
+                      "'quality.py --docs' markers")
   args = parser.parse_args()
   start = time.perf_counter()
   runs_dir = _harness.raw_dir("quality", args.quick, args.out)
@@ -887,9 +914,14 @@ def main() -> None:
                               "setting": {**dataclasses.asdict(task)}, "summary": rows,
                               "not_run": [m for m in methods_of(task) if not available(m)]}
     plot(task, rows, figures / f"quality_{name}.png")
-  tables = "\n\n".join([worst_task_table(payload)] + [
-      markdown(TASKS[t] if not args.quick else quick(TASKS[t]), v["summary"])
-      for t, v in payload["tasks"].items()])
+  worst = worst_task_table(payload)
+  per_task = [markdown(TASKS[t] if not args.quick else quick(TASKS[t]), v["summary"])
+              for t, v in payload["tasks"].items()]
+  tables = "\n\n".join([worst] + per_task)
+  if args.docs:
+    write_docs(DOCS, {"worst task": worst,
+                      "per task": "\n\n".join(demote(t) for t in per_task)})
+    print(f"wrote the tables into {DOCS}")
   payload["seconds"] = time.perf_counter() - start
   _harness.write_report(out, "quality", payload, tables)
   print(tables)

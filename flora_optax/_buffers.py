@@ -151,11 +151,12 @@ def _blocked(x, block):
   pad = num_blocks(length, block) * block - length
   if pad:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-  return x.reshape(x.shape[:-1] + (-1, block))
+  # Explicit sizes, not -1: a leaf with a zero-length axis has no size to infer from.
+  return x.reshape(x.shape[:-1] + (num_blocks(length, block), block))
 
 
 def _unblocked(x, length):
-  return x.reshape(x.shape[:-2] + (-1,))[..., :length]
+  return x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))[..., :length]
 
 
 def quantize(x, key=None, block: int = INT8_BLOCK) -> Int8Blocks:
@@ -164,7 +165,8 @@ def quantize(x, key=None, block: int = INT8_BLOCK) -> Int8Blocks:
   x = jnp.asarray(x, jnp.float32)
   blocks = _blocked(x, block)
   # One pass over the buffer for the scales: max propagates NaN, and ±inf is its own absmax.
-  absmax = jnp.max(jnp.abs(blocks), axis=-1)
+  # (`initial` gives an empty block, of a zero-length axis, the absmax of an all-zero one.)
+  absmax = jnp.max(jnp.abs(blocks), axis=-1, initial=0.0)
   bad = ~jnp.isfinite(absmax)
   # x / (absmax / 127): XLA divides by multiplying with the reciprocal and flushes
   # subnormals, so the divisor is the step (whose reciprocal stays normal up to float32's
@@ -271,8 +273,17 @@ def init(params, options: _options.Compression, extra_spec=(), *, plain_dtype=No
   return jax.tree.unflatten(treedef, [make(x, lay) for (_, x), lay in zip(flat, layouts)])
 
 
-def check(updates, buffers, what: str) -> None:
-  """Raises an error naming the leaf when `updates` does not fit the buffers of a state."""
+# The options that decide what a stored buffer means (the others, such as ``precision`` or a
+# momentum's ``transfer``, change how it is computed, and may change between runs).
+STORED_OPTIONS = ("rank", "sketch", "projection", "side", "dtype", "plain_dtype", "prng_impl",
+                  "transform")
+
+
+def check(updates, buffers, what: str, spec=None) -> None:
+  """Raises an error naming the leaf when `updates` does not fit the buffers of a state, or
+  (given the transform's `spec`, as :func:`init` builds it) when a compressed buffer was made
+  under other options: storage is read from the state, so a state of ``dtype="int8"`` handed
+  to a float32 transform would otherwise go on in int8 unnoticed."""
   up_def = jax.tree.structure(updates)
   buf_def = jax.tree.structure(buffers, is_leaf=_is_node)
   if up_def != buf_def:
@@ -288,6 +299,18 @@ def check(updates, buffers, what: str) -> None:
       raise ValueError(f"the update for {name} has shape {tuple(jnp.shape(g))}, but the {what} "
                        f"state was built for shape {want}{hint}; was the state made for other "
                        f"parameters?")
+    if spec is not None and is_compressed(buf):
+      saved, wanted = dict(buf.spec), dict(spec)
+      differ = [k for k in dict.fromkeys([*saved, *wanted])
+                if k in STORED_OPTIONS and saved.get(k) != wanted.get(k)]
+    else:
+      differ = []
+    if differ:
+      raise ValueError(
+          f"the {what} state's buffer for {name} {want} was built with "
+          + ", ".join(f"{k}={saved.get(k)!r}" for k in differ) + ", and this transform uses "
+          + ", ".join(f"{k}={wanted.get(k)!r}" for k in differ) + "; build the transform "
+          f"with the state's options to continue it, or start from a fresh init")
 
 
 # ----------------------------------------------------------------------------- random draws

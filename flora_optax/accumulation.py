@@ -132,8 +132,9 @@ def flora_accumulate(
   def update_fn(updates, state, params=None, **extra_args):
     boxed = updates
     updates, rebox = _layout.unbox(updates)
-    _buffers.check(updates, state.compressed_acc, "accumulator")
     _options.check_layout_value(state.layout, layout, "flora_accumulate")
+    _buffers.check(updates, state.compressed_acc, "accumulator",
+                   options.static() + (("transform", "accumulate"),))
     k = every_k(state.gradient_step)
     should_skip, skip_state = _checked_skip(skip_fn(updates, state.gradient_step, params))
 

@@ -59,7 +59,8 @@ def compressed_mean(
                          plain_dtype=lambda leaf: leaf.dtype)
 
   def update(carry, value, index):
-    _buffers.check(value, carry, "compressed_mean")
+    _buffers.check(value, carry, "compressed_mean",
+                   options.static() + (("transform", "microbatch"),))
     mean = _buffers.to_compute(carry, compute)
     draws = _buffers.draw(mean, key_data, cycle, impl)
     mean = jax.tree.map(lambda c, v: c + (v - c) / (index + 1), mean,

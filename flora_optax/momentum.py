@@ -200,8 +200,8 @@ def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="
     if emit == "exact_gradient":
       scaled = None
     updates, rebox = _layout.unbox(updates)
-    _buffers.check(updates, state.compressed_mu, "momentum")
     _options.check_layout_value(state.layout, layout, "flora_momentum")
+    _buffers.check(updates, state.compressed_mu, "momentum", options.static() + spec)
     stored = state.compressed_mu
     resample = jnp.asarray(False) if kappa is None else state.cycle_step >= kappa
     cycle = state.cycle + resample.astype(jnp.uint32)

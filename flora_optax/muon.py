@@ -258,7 +258,8 @@ def scale_by_muon_shape(weight_dimension_numbers: Any = None,
       fan_in = math.prod(shape[a] for a in d.reduction_axis)
       fan_out = math.prod(shape[a] for a in d.output_axis)
       if consistent_rms is None:
-        return jnp.sqrt(jnp.maximum(1, fan_out / fan_in)) * u
+        # (an empty matrix, fan_in 0, has an empty update: any finite factor will do)
+        return jnp.sqrt(jnp.maximum(1, fan_out / max(fan_in, 1))) * u
       return jnp.sqrt(jnp.maximum(fan_in, fan_out)) * consistent_rms * u
 
     return rebox(jax.tree.map(scale, plain, dims, is_leaf=lambda x: x is None)), state

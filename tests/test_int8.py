@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 import flora_optax
 from flora_optax import _buffers, multihost, sharding
 from tests import reference
+from tests.conftest import run_transform
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BLOCK = flora_optax.INT8_BLOCK
@@ -105,6 +106,24 @@ def test_all_zero_and_huge_and_tiny_blocks_stay_finite():
     assert np.all(back[2] == 0)  # flushed: below 127 x float32's smallest normal
     np.testing.assert_allclose(back[1, :256], x[1, :256], atol=1 / 127)
     assert np.asarray(q.scale)[1, 0] == 1.0
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (5, 0), (2, 0, 300)])
+def test_empty_leaves_are_stored_and_step(shape, rng):
+  # A leaf with a zero-length axis has nothing to store, but it must not break the quantizer
+  # (no size to infer a reshape from, no entries to take a maximum over) or the other leaves.
+  q = _buffers.quantize(jnp.zeros(shape), jax.random.key(0))
+  assert q.q.shape == shape and dequant(q).shape == shape
+  params = {"w": jnp.asarray(rng.standard_normal((8, 300)), jnp.float32),
+            "empty": jnp.zeros(shape)}
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+                        params) for _ in range(3)]
+  for tx in (flora_optax.int8_ema(0.9),
+             flora_optax.flora_momentum(4, dtype="int8", plain_dtype="int8")):
+    outs, _ = run_transform(tx, grads, params)
+    alone, _ = run_transform(tx, [{"w": g["w"]} for g in grads], {"w": params["w"]})
+    assert outs[-1]["empty"].shape == shape
+    np.testing.assert_array_equal(outs[-1]["w"], alone[-1]["w"])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -353,23 +372,31 @@ def test_accumulation_matches_float64_step_by_step(rng):
 
 @pytest.mark.parametrize("sketch", ["projection", "two_sided"])
 def test_compressed_mean_with_an_int8_carry(rng, sketch):
-  w = jnp.asarray(rng.standard_normal((40, 300)), jnp.float32)
-  x = jnp.asarray(rng.standard_normal((8, 40)), jnp.float32)
   grad_fn = jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w)))
   means = {}
   for dtype in ("float32", "int8"):
     acc = flora_optax.compressed_mean(8, cycle=3, dtype=dtype, sketch=sketch)
-    means[dtype] = np.asarray(jax.jit(optax.microbatching.microbatch(
-        grad_fn, argnums=1, microbatch_size=2, accumulator=acc))(w, x))
-  scale = np.abs(means["float32"]).max()
-  if sketch == "projection":
-    # Three stored partial means, each within a step of its scale, then an up-projection.
-    np.testing.assert_allclose(means["int8"], means["float32"], atol=0.05 * scale)
+    means[dtype] = jax.jit(optax.microbatching.microbatch(
+        grad_fn, argnums=1, microbatch_size=2, accumulator=acc))
+  errors = []
+  for _ in range(8):   # eight problems: the two-sided error is heavy-tailed (below)
+    w = jnp.asarray(rng.standard_normal((40, 300)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((8, 40)), jnp.float32)
+    exact = np.asarray(means["float32"](w, x))
+    stored = np.asarray(means["int8"](w, x))
+    if sketch == "projection":
+      # Three stored partial means, each within a step of its scale, then an up-projection.
+      np.testing.assert_allclose(stored, exact, atol=0.05 * np.abs(exact).max())
+    errors.append(np.linalg.norm(stored - exact) / np.linalg.norm(exact))
+  if sketch == "two_sided":
+    # The reconstruction Q (ΨQ)⁺ W amplifies the storage steps by 1/σ_min(ΨQ), which has a
+    # heavy tail over problems: on 200 of them the relative error's median was 2.6 %, its 90th
+    # percentile 4.4 %, its maximum 12 % (the projection: 1.7 %, 1.8 %, 1.8 %). So the median of
+    # eight is held to 6 %, and every one to 25 %.
+    assert np.median(errors) < 0.06, errors
+    assert max(errors) < 0.25, errors
   else:
-    # The reconstruction Q (ΨQ)⁺ W amplifies the storage steps (2-5 % in Frobenius norm on
-    # three seeds of this problem, against 1.5-1.7 % for the projection).
-    error = np.linalg.norm(means["int8"] - means["float32"]) / np.linalg.norm(means["float32"])
-    assert error < 0.1, error
+    assert max(errors) < 0.03, errors
 
 
 # ----------------------------------------------------------------------------- the library
@@ -480,6 +507,37 @@ def test_dtypes_not_offered_are_refused_with_the_list(dtype):
     with pytest.raises(ValueError, match=r"must be one of \('float32', 'bfloat16', 'float64', "
                                          r"'int8'\)"):
       flora_optax.flora_momentum(8, **kwargs)
+
+
+@pytest.mark.parametrize("make", [
+    lambda rank, **o: flora_optax.flora_momentum(rank, **o),
+    lambda rank, **o: flora_optax.flora_accumulate(optax.sgd(0.1), 2, rank, **o),
+], ids=["momentum", "accumulate"])
+@pytest.mark.parametrize("saved, used, named", [
+    ({"dtype": "int8"}, {}, "dtype='int8'"),
+    ({}, {"dtype": "int8"}, "dtype='float32'"),
+    ({"dtype": "bfloat16"}, {"dtype": "int8"}, "dtype='bfloat16'"),
+    ({"rank": 4}, {}, "rank=4"),
+], ids=["int8-to-float32", "float32-to-int8", "bfloat16-to-int8", "rank"])
+def test_a_state_of_other_storage_is_refused_by_name(make, saved, used, named):
+  # Storage is read from the state: handed to a transform of another dtype or rank, the state
+  # would go on in its own, unnoticed, so the update refuses it and names both.
+  params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  saved, used = {"rank": 8, **saved}, {"rank": 8, **used}
+  state = make(**saved).init(params)
+  with pytest.raises(ValueError, match=r"params\['w'\] \(64, 32\) was built with "
+                                       + named.replace("(", r"\(")):
+    jax.eval_shape(make(**used).update, grads, state, params)
+  jax.eval_shape(make(**saved).update, grads, state, params)  # with its own transform: fine
+
+
+def test_compressed_mean_refuses_a_carry_of_other_storage():
+  value = {"w": jnp.ones((64, 32))}
+  carry = flora_optax.compressed_mean(8, cycle=2, dtype="int8").init(value)
+  with pytest.raises(ValueError, match=r"params\['w'\] \(64, 32\) was built with "
+                                       r"dtype='int8'"):
+    flora_optax.compressed_mean(8, cycle=2).update(carry, value, 0)
 
 
 def test_processes_agree_fingerprints_the_storage():

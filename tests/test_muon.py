@@ -233,6 +233,20 @@ def test_orbax_resume_is_bit_identical(tmp_path, rng):
       np.testing.assert_array_equal(a, b)
 
 
+def test_an_empty_matrix_steps_and_leaves_the_others_alone(rng):
+  # optax.contrib.muon divides by the fan-in of an empty matrix; a model with a zero-width
+  # layer (a pruned head, say) should still train.
+  params = {"wide": jnp.asarray(rng.standard_normal((24, 40)), jnp.float32),
+            "empty": jnp.zeros((0, 16))}
+  grads = [tree(rng, {k: v.shape for k, v in params.items()}) for _ in range(3)]
+  tx = flora_optax.flora_muon(1e-2, 4)
+  outs, state = trajectory(tx, params, grads)
+  alone, _ = trajectory(tx, {"wide": params["wide"]}, [{"wide": g["wide"]} for g in grads])
+  assert outs[-1]["empty"].shape == (0, 16)
+  np.testing.assert_array_equal(outs[-1]["wide"], alone[-1]["wide"])
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+
+
 def test_errors_name_the_problem():
   params = {"w": jnp.zeros((16, 8)), "b": jnp.zeros(8)}
   with pytest.raises(ValueError, match=r"rank must be an int in \[1, .*got rank=0"):
