@@ -123,6 +123,9 @@ def restore(path, abstract: Any, checkpointer: Any = None, *,
     except ValueError as error:
       old = _old_states(checkpointer, path, abstract)
       if not old:
+        why = _storage_mismatch(checkpointer, path, abstract)
+        if why:
+          raise ValueError(why) from error
         raise
       if any(kind == "0.1.0" for _, kind in old):
         where = next(w for w, kind in old if kind == "0.1.0")
@@ -149,6 +152,51 @@ def _names(path) -> tuple[str, ...]:
         out.append(str(getattr(k, attr)))
         break
   return tuple(out)
+
+
+def _saved_leaves(checkpointer, path) -> dict[tuple[str, ...], Any]:
+  """The checkpoint's arrays by plain path names, with their metadata (shape, dtype)."""
+  metadata = checkpointer.metadata(path)
+  metadata = getattr(metadata, "item_metadata", metadata)
+  return {_names(p): m for p, m in jax.tree_util.tree_flatten_with_path(
+      metadata, is_leaf=lambda x: hasattr(x, "shape"))[0]}
+
+
+def _describe_buffer(leaves: dict[tuple[str, ...], Any]) -> str:
+  """A buffer's arrays (names below its ``parts``) as storage words: int8 codes with scales,
+  else each array's dtype and shape."""
+  if not leaves:
+    return "no buffer"
+  if any(name[-1] == "q" for name in leaves) and any(name[-1] == "scale" for name in leaves):
+    codes = {n[:-1]: tuple(m.shape) for n, m in leaves.items() if n[-1] == "q"}
+    return "int8 codes with block scales (" + ", ".join(
+        f"{'/'.join(n) or 'buffer'}: {shape}" for n, shape in codes.items()) + ")"
+  return ", ".join(f"{'/'.join(n) or 'buffer'}: {np.dtype(m.dtype).name} {tuple(m.shape)}"
+                   for n, m in leaves.items())
+
+
+def _storage_mismatch(checkpointer, path, abstract) -> str | None:
+  """Why the checkpoint's compressed buffers do not fit `abstract`'s (another ``dtype``,
+  ``rank`` or sketch), naming the first such leaf; ``None`` if they all fit."""
+  saved = _saved_leaves(checkpointer, path)
+  flat = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=_buffers.is_compressed)[0]
+  for node_path, node in flat:
+    if not _buffers.is_compressed(node):
+      continue
+    base = _names(node_path) + ("parts",)
+    want = {_names(p): x for p, x in jax.tree_util.tree_flatten_with_path(node.parts)[0]}
+    have = {n[len(base):]: m for n, m in saved.items() if n[:len(base)] == base}
+    fits = set(want) == set(have) and all(
+        tuple(have[n].shape) == tuple(x.shape) and np.dtype(have[n].dtype) == np.dtype(x.dtype)
+        for n, x in want.items())
+    if not fits:
+      where = jax.tree_util.keystr(node_path)
+      return (f"{where}: the checkpoint at {path} stores this compressed buffer as "
+              f"{_describe_buffer(have)}, and the state to restore holds "
+              f"{_describe_buffer(want)} (the leaf {node.leaf.shape} at rank {node.leaf.rank}, "
+              f"{node.options['sketch']}, dtype {node.options['dtype']}): build the transform "
+              f"with the saving run's dtype, rank and sketch to restore it")
+  return None
 
 
 def _old_states(checkpointer, path, abstract) -> list[tuple[str, str]]:

@@ -487,6 +487,30 @@ def test_orbax_resume_is_bit_identical(tmp_path, rng):
     np.testing.assert_array_equal(a, b)
 
 
+F32_8, F32_4 = r"c: float32 \(8, 40\)", r"c: float32 \(4, 40\)"
+INT8_8 = r"int8 codes with block scales \(c: \(8, 40\)\)"
+
+
+@pytest.mark.parametrize("saved, used, stored_as, expected_as", [
+    ({}, {"dtype": "int8"}, F32_8, INT8_8),
+    ({"dtype": "int8"}, {}, INT8_8, F32_8),
+    ({}, {"rank": 4}, F32_8, F32_4),
+], ids=["float32-to-int8", "int8-to-float32", "rank"])
+def test_restore_names_a_buffer_saved_in_other_storage(tmp_path, saved, used, stored_as,
+                                                       expected_as):
+  # orbax alone reports a tree-structure or shape mismatch; flora_optax.restore says which
+  # buffer, how it was stored and what the transform expects.
+  params = {"w": jnp.zeros((24, 40)), "b": jnp.zeros(40)}
+  make = lambda rank=8, **o: flora_optax.flora_momentum(rank, **o)  # noqa: E731
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "ckpt", make(**saved).init(params))
+  abstract = jax.eval_shape(make(**used).init, params)
+  with pytest.raises(ValueError, match=r"compressed_mu\['w'\]: the checkpoint at .* stores "
+                     r"this compressed buffer as " + stored_as + r", and the state to restore "
+                     r"holds " + expected_as):
+    flora_optax.restore(tmp_path / "ckpt", abstract)
+
+
 def test_state_bytes_and_memory_report_count_the_scales():
   params = {"w": jax.ShapeDtypeStruct((512, 600), jnp.float32),
             "b": jax.ShapeDtypeStruct((600,), jnp.float32)}
