@@ -38,6 +38,12 @@ VARIANTS = {
     "nesterov=False": ({"nesterov": False}, 100),
     "sketch=two_sided": ({"sketch": "two_sided"}, 100),
     "sketch=factors": ({"sketch": "factors"}, 100),
+    # Combinations of the options that helped alone (3 seeds each in docs/howto/muon.md).
+    "beta=0.9 kappa=1000": ({"beta": 0.9}, 1000),
+    "beta=0.9 kappa=400 residual_weight=2": ({"beta": 0.9, "residual_weight": 2.0}, 400),
+    "beta=0.9 kappa=400 residual_weight=3": ({"beta": 0.9, "residual_weight": 3.0}, 400),
+    "beta=0.9 kappa=100 residual_weight=2": ({"beta": 0.9, "residual_weight": 2.0}, 100),
+    "kappa=1000 residual_weight=2": ({"residual_weight": 2.0}, 1000),
     "optax.contrib.muon": (0.95, None),
     "optax.contrib.muon beta=0.9": (0.9, None),
     "optax.contrib.muon beta=0 (no momentum)": (0.0, None),

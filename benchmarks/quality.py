@@ -391,8 +391,9 @@ METHODS = {
                                                         **_OLD)),
     "two_sided +residual w=1-b": ("momentum", dict(sketch="two_sided", **_OLD)),
     "factors +residual w=1-b": ("momentum", dict(sketch="factors", **_OLD)),
-    # int8 storage (issue 19): the default momentum in int8, and a full-size 8-bit EMA
-    # (flora_optax.int8_ema, SGD task only: the peer of 8-bit optimizers).
+    # int8 storage (issue 19): the default momentum in int8, and the naive optimizer with its
+    # full-size momentum in int8, the peer of 8-bit optimizers (SGD: flora_optax.int8_ema;
+    # AdamW and Adafactor: their first moment as a plain int8 buffer, nothing compressed).
     "projection dct +residual int8": ("momentum", dict(sketch="projection", projection="dct",
                                                        emit="residual", dtype="int8")),
     "naive int8": ("momentum", None),
@@ -470,6 +471,9 @@ def make_optimizer(task: Task, method: str, lr: float, rank: int, seed: int,
     if method == "none":   # Adam with b1 = 0, without the unused first-moment buffer
       return optax.chain(optax.scale_by_rms(0.999, 1e-8, eps_in_sqrt=False, bias_correction=True),
                          optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr))
+    if method == "naive int8":   # optax.adamw's update (to 2e-7), its first moment in int8
+      return flora_optax.flora_adamw(lr, rank, b1=beta, weight_decay=wd, seed=seed, mask=False,
+                                     plain_dtype="int8")
     if method == "galore":
       return optax.contrib.galore(lr, rank=rank, update_proj_gap=kappa, weight_decay=wd,
                                   weight_dimension_numbers=_galore_dims(mask))
@@ -483,6 +487,10 @@ def make_optimizer(task: Task, method: str, lr: float, rank: int, seed: int,
       return optax.adafactor(lr, momentum=beta, **factor)
     if method == "none":
       return optax.adafactor(lr, **factor)
+    if method == "naive int8":   # optax.adafactor(momentum=beta)'s chain, its momentum in int8
+      return flora_optax.flora_adafactor(lr, rank, momentum=beta, seed=seed, mask=False,
+                                         plain_dtype="int8",
+                                         momentum_position="after_param_scale", **factor)
     if group == "momentum":
       return flora_optax.flora_adafactor(lr, rank, momentum=beta, kappa=kappa, seed=seed,
                                          **factor, **compression)
@@ -511,8 +519,6 @@ def methods_of(task: Task) -> list[str]:
     # GaLore projects its base optimizer's input, but Adafactor's clipping and parameter
     # scale need the full-size parameters: no equal-footing GaLore row for this task.
     out = [m for m in out if m != "galore"]
-  if task.optimizer != "sgd":  # a full-size int8 EMA is a momentum of its own: SGD only
-    out = [m for m in out if m != "naive int8"]
   return out
 
 
