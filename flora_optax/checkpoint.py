@@ -167,8 +167,9 @@ def _describe_buffer(leaves: dict[tuple[str, ...], Any]) -> str:
   else each array's dtype and shape."""
   if not leaves:
     return "no buffer"
-  if any(name[-1] == "q" for name in leaves) and any(name[-1] == "scale" for name in leaves):
-    codes = {n[:-1]: tuple(m.shape) for n, m in leaves.items() if n[-1] == "q"}
+  last = lambda name: name[-1] if name else None  # noqa: E731 (a plain array's name is ())
+  if any(last(n) == "q" for n in leaves) and any(last(n) == "scale" for n in leaves):
+    codes = {n[:-1]: tuple(m.shape) for n, m in leaves.items() if last(n) == "q"}
     return "int8 codes with block scales (" + ", ".join(
         f"{'/'.join(n) or 'buffer'}: {shape}" for n, shape in codes.items()) + ")"
   return ", ".join(f"{'/'.join(n) or 'buffer'}: {np.dtype(m.dtype).name} {tuple(m.shape)}"
@@ -176,26 +177,30 @@ def _describe_buffer(leaves: dict[tuple[str, ...], Any]) -> str:
 
 
 def _storage_mismatch(checkpointer, path, abstract) -> str | None:
-  """Why the checkpoint's compressed buffers do not fit `abstract`'s (another ``dtype``,
-  ``rank`` or sketch), naming the first such leaf; ``None`` if they all fit."""
+  """Why the checkpoint's buffers do not fit `abstract`'s (another ``dtype``, ``plain_dtype``,
+  ``rank`` or sketch), naming the first such buffer; ``None`` if they all fit."""
   saved = _saved_leaves(checkpointer, path)
-  flat = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=_buffers.is_compressed)[0]
-  for node_path, node in flat:
-    if not _buffers.is_compressed(node):
-      continue
-    base = _names(node_path) + ("parts",)
-    want = {_names(p): x for p, x in jax.tree_util.tree_flatten_with_path(node.parts)[0]}
+  node = lambda x: _buffers.is_compressed(x) or _buffers.is_int8(x)  # noqa: E731
+  for node_path, leaf in jax.tree_util.tree_flatten_with_path(abstract, is_leaf=node)[0]:
+    base = _names(node_path) + (("parts",) if _buffers.is_compressed(leaf) else ())
+    arrays = leaf.parts if _buffers.is_compressed(leaf) else leaf
+    want = {_names(p): x for p, x in jax.tree_util.tree_flatten_with_path(arrays)[0]}
     have = {n[len(base):]: m for n, m in saved.items() if n[:len(base)] == base}
     fits = set(want) == set(have) and all(
         tuple(have[n].shape) == tuple(x.shape) and np.dtype(have[n].dtype) == np.dtype(x.dtype)
         for n, x in want.items())
-    if not fits:
-      where = jax.tree_util.keystr(node_path)
-      return (f"{where}: the checkpoint at {path} stores this compressed buffer as "
-              f"{_describe_buffer(have)}, and the state to restore holds "
-              f"{_describe_buffer(want)} (the leaf {node.leaf.shape} at rank {node.leaf.rank}, "
-              f"{node.options['sketch']}, dtype {node.options['dtype']}): build the transform "
-              f"with the saving run's dtype, rank and sketch to restore it")
+    if fits:
+      continue
+    where = jax.tree_util.keystr(node_path)
+    if _buffers.is_compressed(leaf):
+      what = "this compressed buffer"
+      detail = (f" (the leaf {leaf.leaf.shape} at rank {leaf.leaf.rank}, "
+                f"{leaf.options['sketch']}, dtype {leaf.options['dtype']})")
+    else:
+      what, detail = "this buffer", ""
+    return (f"{where}: the checkpoint at {path} stores {what} as {_describe_buffer(have)}, "
+            f"and the state to restore holds {_describe_buffer(want)}{detail}: build the "
+            f"transform with the saving run's dtype, plain_dtype, rank and sketch to restore it")
   return None
 
 

@@ -495,7 +495,9 @@ INT8_8 = r"int8 codes with block scales \(c: \(8, 40\)\)"
     ({}, {"dtype": "int8"}, F32_8, INT8_8),
     ({"dtype": "int8"}, {}, INT8_8, F32_8),
     ({}, {"rank": 4}, F32_8, F32_4),
-], ids=["float32-to-int8", "int8-to-float32", "rank"])
+    ({"plain_dtype": "int8"}, {}, r"int8 codes with block scales \(buffer: \(40,\)\)",
+     r"buffer: float32 \(40,\)"),
+], ids=["float32-to-int8", "int8-to-float32", "rank", "plain-int8-to-float32"])
 def test_restore_names_a_buffer_saved_in_other_storage(tmp_path, saved, used, stored_as,
                                                        expected_as):
   # orbax alone reports a tree-structure or shape mismatch; flora_optax.restore says which
@@ -505,9 +507,10 @@ def test_restore_names_a_buffer_saved_in_other_storage(tmp_path, saved, used, st
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(tmp_path / "ckpt", make(**saved).init(params))
   abstract = jax.eval_shape(make(**used).init, params)
-  with pytest.raises(ValueError, match=r"compressed_mu\['w'\]: the checkpoint at .* stores "
-                     r"this compressed buffer as " + stored_as + r", and the state to restore "
-                     r"holds " + expected_as):
+  leaf = "b" if "plain_dtype" in saved else "w"
+  with pytest.raises(ValueError, match=r"compressed_mu\['" + leaf + r"'\]: the checkpoint at .* "
+                     r"stores this (compressed )?buffer as " + stored_as + r", and the state to "
+                     r"restore holds " + expected_as):
     flora_optax.restore(tmp_path / "ckpt", abstract)
 
 
