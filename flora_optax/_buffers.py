@@ -279,11 +279,13 @@ STORED_OPTIONS = ("rank", "sketch", "projection", "side", "dtype", "plain_dtype"
                   "transform")
 
 
-def check(updates, buffers, what: str, spec=None) -> None:
+def check(updates, buffers, what: str, options: _options.Compression | None = None,
+          extra_spec=()) -> None:
   """Raises an error naming the leaf when `updates` does not fit the buffers of a state, or
-  (given the transform's `spec`, as :func:`init` builds it) when a compressed buffer was made
-  under other options: storage is read from the state, so a state of ``dtype="int8"`` handed
-  to a float32 transform would otherwise go on in int8 unnoticed."""
+  (given the transform's `options` and `extra_spec`, as passed to :func:`init`) when a
+  compressed buffer was made under other options: storage is read from the state, so a state
+  of ``dtype="int8"`` handed to a float32 transform would otherwise go on in int8 unnoticed."""
+  wanted = None if options is None else dict(options.static() + tuple(extra_spec))
   up_def = jax.tree.structure(updates)
   buf_def = jax.tree.structure(buffers, is_leaf=_is_node)
   if up_def != buf_def:
@@ -299,12 +301,10 @@ def check(updates, buffers, what: str, spec=None) -> None:
       raise ValueError(f"the update for {name} has shape {tuple(jnp.shape(g))}, but the {what} "
                        f"state was built for shape {want}{hint}; was the state made for other "
                        f"parameters?")
-    if spec is not None and is_compressed(buf):
-      saved, wanted = dict(buf.spec), dict(spec)
-      differ = [k for k in dict.fromkeys([*saved, *wanted])
-                if k in STORED_OPTIONS and saved.get(k) != wanted.get(k)]
-    else:
-      differ = []
+    if wanted is None or not is_compressed(buf):
+      continue
+    saved = dict(buf.spec)
+    differ = [k for k in STORED_OPTIONS if saved.get(k) != wanted.get(k)]
     if differ:
       raise ValueError(
           f"the {what} state's buffer for {name} {want} was built with "

@@ -13,6 +13,9 @@ import optax
 
 from flora_optax import _buffers, _layout, _options
 
+# The accumulator buffers' extra static options (:func:`_buffers.init` and `check`).
+SPEC = (("transform", "accumulate"),)
+
 
 class FloraAccumulateState(NamedTuple):
   """State of :func:`flora_accumulate`.
@@ -125,7 +128,7 @@ def flora_accumulate(
     return FloraAccumulateState(
         mini_step=jnp.zeros([], jnp.int32), gradient_step=gradient_step, key_data=key_data,
         layout=jnp.asarray(layout, jnp.int32), inner_opt_state=inner.init(params),
-        compressed_acc=_buffers.init(params, options, (("transform", "accumulate"),),
+        compressed_acc=_buffers.init(params, options, SPEC,
                                      key_data=key_data),
         skip_state=skip_state)
 
@@ -133,8 +136,7 @@ def flora_accumulate(
     boxed = updates
     updates, rebox = _layout.unbox(updates)
     _options.check_layout_value(state.layout, layout, "flora_accumulate")
-    _buffers.check(updates, state.compressed_acc, "accumulator",
-                   options.static() + (("transform", "accumulate"),))
+    _buffers.check(updates, state.compressed_acc, "accumulator", options, SPEC)
     k = every_k(state.gradient_step)
     should_skip, skip_state = _checked_skip(skip_fn(updates, state.gradient_step, params))
 

@@ -121,9 +121,10 @@ def restore(path, abstract: Any, checkpointer: Any = None, *,
     try:
       restored = checkpointer.restore(path, abstract)
     except ValueError as error:
-      old = _old_states(checkpointer, path, abstract)
+      saved = _saved_leaves(checkpointer, path)
+      old = _old_states(saved, abstract)
       if not old:
-        why = _storage_mismatch(checkpointer, path, abstract)
+        why = _storage_mismatch(saved, path, abstract)
         if why:
           raise ValueError(why) from error
         raise
@@ -176,10 +177,10 @@ def _describe_buffer(leaves: dict[tuple[str, ...], Any]) -> str:
                    for n, m in leaves.items())
 
 
-def _storage_mismatch(checkpointer, path, abstract) -> str | None:
-  """Why the checkpoint's buffers do not fit `abstract`'s (another ``dtype``, ``plain_dtype``,
-  ``rank`` or sketch), naming the first such buffer; ``None`` if they all fit."""
-  saved = _saved_leaves(checkpointer, path)
+def _storage_mismatch(saved, path, abstract) -> str | None:
+  """Why the checkpoint's buffers (`saved`, from :func:`_saved_leaves`) do not fit
+  `abstract`'s (another ``dtype``, ``plain_dtype``, ``rank`` or sketch), naming the first such
+  buffer; ``None`` if they all fit."""
   node = lambda x: _buffers.is_compressed(x) or _buffers.is_int8(x)  # noqa: E731
   for node_path, leaf in jax.tree_util.tree_flatten_with_path(abstract, is_leaf=node)[0]:
     base = _names(node_path) + (("parts",) if _buffers.is_compressed(leaf) else ())
@@ -204,13 +205,9 @@ def _storage_mismatch(checkpointer, path, abstract) -> str | None:
   return None
 
 
-def _old_states(checkpointer, path, abstract) -> list[tuple[str, str]]:
-  """The Flora states of `abstract` that the checkpoint holds in an older format, with
-  ``"pre-layout"`` (0.2.0 development) or ``"0.1.0"``."""
-  metadata = checkpointer.metadata(path)
-  metadata = getattr(metadata, "item_metadata", metadata)
-  saved = {_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-      metadata, is_leaf=lambda x: hasattr(x, "shape"))[0]}
+def _old_states(saved, abstract) -> list[tuple[str, str]]:
+  """The Flora states of `abstract` that the checkpoint (`saved`, from :func:`_saved_leaves`)
+  holds in an older format, with ``"pre-layout"`` (0.2.0 development) or ``"0.1.0"``."""
   prefixes = {p[:i] for p in saved for i in range(len(p) + 1)}
   flat = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=_is_state)[0]
   old = []

@@ -8,6 +8,9 @@ import optax
 
 from flora_optax import _buffers, _layout, _options, _sketches
 
+# The carry's extra static options (:func:`_buffers.init` and `check`).
+SPEC = (("transform", "microbatch"),)
+
 
 def compressed_mean(
     rank: int,
@@ -55,12 +58,11 @@ def compressed_mean(
       if not jnp.issubdtype(leaf.dtype, jnp.inexact):
         raise TypeError(f"compressed_mean needs floating values, {name} {leaf.shape} is "
                         f"{leaf.dtype}")
-    return _buffers.init(value_struct, options, (("transform", "microbatch"),),
+    return _buffers.init(value_struct, options, SPEC,
                          plain_dtype=lambda leaf: leaf.dtype)
 
   def update(carry, value, index):
-    _buffers.check(value, carry, "compressed_mean",
-                   options.static() + (("transform", "microbatch"),))
+    _buffers.check(value, carry, "compressed_mean", options, SPEC)
     mean = _buffers.to_compute(carry, compute)
     draws = _buffers.draw(mean, key_data, cycle, impl)
     mean = jax.tree.map(lambda c, v: c + (v - c) / (index + 1), mean,

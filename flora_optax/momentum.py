@@ -201,7 +201,7 @@ def momentum_parts(rank, decay, kappa, seed, *, transfer="least_squares", emit="
       scaled = None
     updates, rebox = _layout.unbox(updates)
     _options.check_layout_value(state.layout, layout, "flora_momentum")
-    _buffers.check(updates, state.compressed_mu, "momentum", options.static() + spec)
+    _buffers.check(updates, state.compressed_mu, "momentum", options, spec)
     stored = state.compressed_mu
     resample = jnp.asarray(False) if kappa is None else state.cycle_step >= kappa
     cycle = state.cycle + resample.astype(jnp.uint32)
